@@ -1,0 +1,68 @@
+"""The ``memdistill`` command line.
+
+Each sub-command lives in its own module exposing ``add_arguments(parser)`` and ``main(args) -> int``; the
+module is imported only when its sub-command runs, so ``memdistill --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS = {
+    "demo": (
+        "diffusers_memdistill.demo",
+        "Train a memorizing teacher on the built-in digits, distil a consistency student, evaluate both (CPU, minutes).",
+    ),
+    "evaluate": (
+        "diffusers_memdistill.evaluate",
+        "Sample saved models with shared seeds and measure quality and memorization; writes metrics.json and report.md.",
+    ),
+    "theory": (
+        "diffusers_memdistill.analysis.theory_cli",
+        "Reproduce the random-feature analysis of consistency distillation (spectra, leakage, per-mode responses).",
+    ),
+    "bundle": (
+        "diffusers_memdistill.utils.bundle",
+        "Write or check the single-file pipelines in pipelines/ that saved models ship for trust_remote_code loading.",
+    ),
+}
+
+
+def build_parser(load_modules: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="memdistill",
+        description="Distil diffusion models into few-step students and measure what they memorize.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if load_modules:
+            importlib.import_module(module_name).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Only the chosen sub-command's module is imported.
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in SUBCOMMANDS:
+        parser = build_parser(load_modules=False)
+        if not argv or command is None:
+            parser.print_help()
+            return 0 if any(a in ("-h", "--help") for a in argv) or not argv else 2
+        parser.parse_args(argv)  # prints the usage error and exits with 2
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[command][0])
+    parser = argparse.ArgumentParser(prog="memdistill")
+    sub = parser.add_subparsers(dest="command")
+    p = sub.add_parser(command, help=SUBCOMMANDS[command][1], description=SUBCOMMANDS[command][1])
+    module.add_arguments(p)
+    args = parser.parse_args(argv)
+    return int(module.main(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
