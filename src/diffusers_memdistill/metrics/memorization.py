@@ -1,0 +1,351 @@
+"""Memorization metrics: the pixel nearest-neighbour ratio and the copy-detection (SSCD) similarity.
+
+Both are functions of tensors: images for the pixel ratio, descriptors for the similarity. Samples with non-finite
+values are never dropped silently: they get a NaN score, are flagged in ``nan_mask``, counted in ``num_nan`` and
+excluded from the fractions and quantiles, whose denominator ``num_valid`` is reported beside them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .nn_search import knn_search, unique_rows
+
+
+@dataclass
+class GroupStats:
+    r"""
+    Summary of a per-sample score over one group of samples (or all of them).
+
+    Args:
+        num_samples (`int`): samples in the group.
+        num_nan (`int`): samples whose score is NaN (non-finite sample values).
+        num_memorized (`int`): samples flagged as memorized.
+        fraction_memorized (`float`): ``num_memorized / (num_samples - num_nan)``; NaN if no valid sample.
+        mean (`float`): mean score over valid samples.
+        p95 (`float`): 95th percentile (linear interpolation) of the score over valid samples.
+        max (`float`): largest score over valid samples.
+        min (`float`): smallest score over valid samples.
+    """
+
+    num_samples: int
+    num_nan: int
+    num_memorized: int
+    fraction_memorized: float
+    mean: float
+    p95: float
+    max: float
+    min: float
+
+    @property
+    def num_valid(self) -> int:
+        return self.num_samples - self.num_nan
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "num_valid": self.num_valid}
+
+
+def summarize_scores(scores: torch.Tensor, memorized: torch.Tensor, percentile: float = 95.0) -> GroupStats:
+    """[`GroupStats`] of one score vector; NaN scores are counted, not used in the statistics."""
+    scores = scores.detach().double().cpu()
+    memorized = memorized.detach().bool().cpu()
+    valid = ~torch.isnan(scores)
+    n_valid = int(valid.sum())
+    vals = scores[valid].numpy()
+    nan = float("nan")
+    return GroupStats(
+        num_samples=int(scores.numel()),
+        num_nan=int(scores.numel() - n_valid),
+        num_memorized=int((memorized & valid).sum()),
+        fraction_memorized=float((memorized & valid).sum()) / n_valid if n_valid else nan,
+        mean=float(vals.mean()) if n_valid else nan,
+        p95=float(np.percentile(vals, percentile)) if n_valid else nan,
+        max=float(vals.max()) if n_valid else nan,
+        min=float(vals.min()) if n_valid else nan,
+    )
+
+
+def _group_stats(scores, memorized, labels, percentile) -> dict[str, GroupStats]:
+    if labels is None:
+        return {}
+    labels = [str(label) for label in labels]
+    if len(labels) != scores.numel():
+        raise ValueError(f"Expected {scores.numel()} group labels, got {len(labels)}.")
+    out = {}
+    for name in sorted(set(labels)):
+        sel = torch.tensor([label == name for label in labels])
+        out[name] = summarize_scores(scores[sel], memorized[sel], percentile)
+    return out
+
+
+def _labels_of_neighbours(train_groups, nn_index: torch.Tensor, num_train: int) -> list[Any] | None:
+    if train_groups is None:
+        return None
+    if len(train_groups) != num_train:
+        raise ValueError(f"`train_groups` has {len(train_groups)} labels for {num_train} training items.")
+    groups = train_groups.tolist() if isinstance(train_groups, torch.Tensor) else list(train_groups)
+    return ["nan" if i < 0 else groups[i] for i in nn_index.tolist()]
+
+
+def _resolve_groups(sample_groups, train_groups, nn_index, num_samples, num_train):
+    if sample_groups is not None and train_groups is not None:
+        raise ValueError("Pass either `sample_groups` or `train_groups`, not both.")
+    if sample_groups is not None:
+        labels = sample_groups.tolist() if isinstance(sample_groups, torch.Tensor) else list(sample_groups)
+        if len(labels) != num_samples:
+            raise ValueError(f"`sample_groups` has {len(labels)} labels for {num_samples} samples.")
+        return labels
+    return _labels_of_neighbours(train_groups, nn_index, num_train)
+
+
+def memorization_ratio(nn_distances: torch.Tensor) -> torch.Tensor:
+    r"""
+    r(y) = ‖y − x¹(y)‖ / ‖y − x²(y)‖ from the distances to the first two neighbours (003 §4.1.2; Yoon et al. 2023).
+
+    An exact copy (first distance 0) gets r = 0 even when the second distance is also 0. NaN distances give NaN.
+
+    Args:
+        nn_distances (`torch.Tensor` of shape `(N, >=2)`): distances sorted nearest first.
+
+    Returns:
+        `torch.Tensor` of shape `(N,)`.
+    """
+    d1, d2 = nn_distances[:, 0].double(), nn_distances[:, 1].double()
+    ratio = d1 / d2
+    return torch.where(d1 == 0, torch.zeros_like(ratio), ratio).to(nn_distances.dtype)
+
+
+@dataclass
+class PixelMemorizationResult:
+    r"""
+    Output of [`pixel_memorization`].
+
+    Args:
+        ratios (`torch.Tensor` of shape `(N,)`): r(y) per sample, NaN for non-finite samples.
+        memorized (`torch.Tensor` of shape `(N,)`, bool): ``ratios < threshold``.
+        nn_indices (`torch.Tensor` of shape `(N, 2)`): indices of the nearest and second-nearest training images
+            in the training set as given (first occurrence when duplicates were merged); -1 for NaN samples.
+        nn_distances (`torch.Tensor` of shape `(N, 2)`): the Euclidean distances to them.
+        nan_mask (`torch.Tensor` of shape `(N,)`, bool): samples with non-finite values.
+        threshold (`float`): the ratio threshold.
+        overall ([`GroupStats`]): statistics of the ratio over all samples.
+        groups (`dict[str, GroupStats]`): the same per group label, if labels were given.
+        num_duplicates_removed (`int`): training images dropped as exact duplicates of earlier ones.
+    """
+
+    ratios: torch.Tensor
+    memorized: torch.Tensor
+    nn_indices: torch.Tensor
+    nn_distances: torch.Tensor
+    nan_mask: torch.Tensor
+    threshold: float
+    overall: GroupStats
+    groups: dict[str, GroupStats] = field(default_factory=dict)
+    num_duplicates_removed: int = 0
+
+    @property
+    def fraction_memorized(self) -> float:
+        return self.overall.fraction_memorized
+
+    @property
+    def num_nan(self) -> int:
+        return self.overall.num_nan
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (no per-sample tensors)."""
+        return {
+            "threshold": self.threshold,
+            **self.overall.to_dict(),
+            "num_duplicates_removed": self.num_duplicates_removed,
+            "nan_indices": self.nan_mask.nonzero().squeeze(1).tolist(),
+            "groups": {name: stats.to_dict() for name, stats in self.groups.items()},
+        }
+
+
+def pixel_memorization(
+    samples: torch.Tensor,
+    train_images: torch.Tensor,
+    *,
+    threshold: float = 1.0 / 3.0,
+    train_groups: Sequence[Any] | torch.Tensor | None = None,
+    sample_groups: Sequence[Any] | torch.Tensor | None = None,
+    deduplicate: bool = True,
+    percentile: float = 95.0,
+    **search_kwargs,
+) -> PixelMemorizationResult:
+    r"""
+    Pixel-space memorization: y is memorized when ‖y − NN₁(y)‖₂ / ‖y − NN₂(y)‖₂ < 1/3 (000 §4.1; 003 §4.1.2).
+
+    Args:
+        samples (`torch.Tensor` of shape `(N, C, H, W)`):
+            Generated images, on the same scale as `train_images` (the ratio is scale invariant, but both sets must
+            share one scale).
+        train_images (`torch.Tensor` of shape `(M, C, H, W)`):
+            The exact training set the model was trained on, M ≥ 2.
+        threshold (`float`, defaults to 1/3):
+            Memorized when r(y) < threshold.
+        train_groups (sequence of length M, *optional*):
+            A label per training image (e.g. ``"repeated"`` / ``"non-repeated"`` classes, 000 Table 4); each
+            sample is assigned the label of its nearest training image.
+        sample_groups (sequence of length N, *optional*):
+            A label per sample instead (e.g. the class a class-conditional sample was drawn for).
+        deduplicate (`bool`, defaults to `True`):
+            Merge exact duplicate training images first. With k copies of an image in the training set (repeated
+            data), NN₂ of a copy of it would be another copy at distance 0; merging makes NN₂ the nearest *other*
+            image, which is what the criterion means.
+        percentile (`float`, defaults to 95):
+            Percentile reported as ``p95``.
+        **search_kwargs:
+            Passed to [`knn_search`] (chunk sizes, device, progress).
+
+    Returns:
+        [`PixelMemorizationResult`]
+    """
+    if samples.shape[1:] != train_images.shape[1:]:
+        raise ValueError(
+            f"Samples have shape {tuple(samples.shape[1:])} per image but the training images have "
+            f"{tuple(train_images.shape[1:])}; generate at the training resolution."
+        )
+    num_train = train_images.shape[0]
+    keep = None
+    reference = train_images
+    if deduplicate:
+        keep, _ = unique_rows(train_images)
+        if keep.numel() < num_train:
+            reference = train_images[keep.to(train_images.device)]
+    if reference.shape[0] < 2:
+        raise ValueError("The memorization ratio needs at least 2 distinct training images.")
+    knn = knn_search(samples, reference, k=2, metric="l2", **search_kwargs)
+    nn_indices = knn.indices.cpu()
+    if keep is not None and reference is not train_images:
+        nn_indices = torch.where(nn_indices >= 0, keep[nn_indices.clamp_min(0)], nn_indices)
+    distances = knn.values.cpu()
+    ratios = memorization_ratio(distances)
+    nan_mask = torch.isnan(ratios)
+    memorized = (ratios < threshold) & ~nan_mask
+    labels = _resolve_groups(sample_groups, train_groups, nn_indices[:, 0], samples.shape[0], num_train)
+    return PixelMemorizationResult(
+        ratios=ratios,
+        memorized=memorized,
+        nn_indices=nn_indices,
+        nn_distances=distances,
+        nan_mask=nan_mask,
+        threshold=threshold,
+        overall=summarize_scores(ratios, memorized, percentile),
+        groups=_group_stats(ratios, memorized, labels, percentile),
+        num_duplicates_removed=num_train - reference.shape[0],
+    )
+
+
+@dataclass
+class SimilarityMemorizationResult:
+    r"""
+    Output of [`sscd_memorization`].
+
+    Args:
+        max_similarity (`torch.Tensor` of shape `(N,)`): per sample the largest cosine similarity to the training
+            set; NaN for samples with non-finite descriptors.
+        nn_indices (`torch.Tensor` of shape `(N,)`): the most similar training item; -1 for NaN samples.
+        memorized (`torch.Tensor` of shape `(N,)`, bool): ``max_similarity > threshold``.
+        nan_mask (`torch.Tensor` of shape `(N,)`, bool): samples with non-finite descriptors.
+        threshold (`float`): the similarity threshold.
+        overall ([`GroupStats`]): fraction above the threshold, mean, p95 and max of the similarity.
+        groups (`dict[str, GroupStats]`): the same per group label, if labels were given.
+    """
+
+    max_similarity: torch.Tensor
+    nn_indices: torch.Tensor
+    memorized: torch.Tensor
+    nan_mask: torch.Tensor
+    threshold: float
+    overall: GroupStats
+    groups: dict[str, GroupStats] = field(default_factory=dict)
+
+    @property
+    def fraction_memorized(self) -> float:
+        return self.overall.fraction_memorized
+
+    @property
+    def p95(self) -> float:
+        return self.overall.p95
+
+    @property
+    def mean(self) -> float:
+        return self.overall.mean
+
+    @property
+    def max(self) -> float:
+        return self.overall.max
+
+    @property
+    def num_nan(self) -> int:
+        return self.overall.num_nan
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (no per-sample tensors)."""
+        return {
+            "threshold": self.threshold,
+            **self.overall.to_dict(),
+            "nan_indices": self.nan_mask.nonzero().squeeze(1).tolist(),
+            "groups": {name: stats.to_dict() for name, stats in self.groups.items()},
+        }
+
+
+def sscd_memorization(
+    sample_features: torch.Tensor,
+    train_features: torch.Tensor,
+    *,
+    threshold: float = 0.5,
+    train_groups: Sequence[Any] | torch.Tensor | None = None,
+    sample_groups: Sequence[Any] | torch.Tensor | None = None,
+    percentile: float = 95.0,
+    **search_kwargs,
+) -> SimilarityMemorizationResult:
+    r"""
+    Copy-detection memorization: per sample the maximum cosine similarity of its SSCD descriptor to the training
+    set; memorized when above 0.5; also mean, p95 and max (000 §4.1, Tables 1-4).
+
+    Works with any descriptors (rows are L2-normalised before comparing).
+
+    Args:
+        sample_features (`torch.Tensor` of shape `(N, D)`):
+            Descriptors of generated images, e.g. from [`SSCDFeatureExtractor`].
+        train_features (`torch.Tensor` of shape `(M, D)`):
+            Descriptors of the training images.
+        threshold (`float`, defaults to 0.5):
+            Memorized when the maximum similarity exceeds it.
+        train_groups (sequence of length M, *optional*):
+            A label per training image; each sample takes the label of its most similar training image.
+        sample_groups (sequence of length N, *optional*):
+            A label per sample instead.
+        percentile (`float`, defaults to 95):
+            Percentile reported as ``p95``.
+        **search_kwargs:
+            Passed to [`knn_search`].
+
+    Returns:
+        [`SimilarityMemorizationResult`]
+    """
+    if sample_features.ndim != 2 or train_features.ndim != 2:
+        raise ValueError(
+            f"Expected (N, D) descriptor matrices, got {tuple(sample_features.shape)} and {tuple(train_features.shape)}."
+        )
+    knn = knn_search(sample_features, train_features, k=1, metric="cosine", **search_kwargs)
+    sims = knn.values[:, 0].cpu()
+    nn_indices = knn.indices[:, 0].cpu()
+    nan_mask = torch.isnan(sims)
+    memorized = (sims > threshold) & ~nan_mask
+    labels = _resolve_groups(sample_groups, train_groups, nn_indices, sample_features.shape[0], train_features.shape[0])
+    return SimilarityMemorizationResult(
+        max_similarity=sims,
+        nn_indices=nn_indices,
+        memorized=memorized,
+        nan_mask=nan_mask,
+        threshold=threshold,
+        overall=summarize_scores(sims, memorized, percentile),
+        groups=_group_stats(sims, memorized, labels, percentile),
+    )
