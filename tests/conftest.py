@@ -1,0 +1,56 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_caches(tmp_path_factory):
+    """Keep diffusers' dynamic-module cache and the trackers' files inside the test's temporary folder."""
+    cache = tmp_path_factory.mktemp("hf_modules")
+    os.environ["HF_MODULES_CACHE"] = str(cache)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def tiny_unet(resolution=8, channels=1, num_classes=0, seed=0):
+    from diffusers_memdistill.models.presets import build_unet
+
+    torch.manual_seed(seed)
+    return build_unet("tiny", resolution, channels, num_classes)
+
+
+def run_without_package(code: str, tmp_path) -> subprocess.CompletedProcess:
+    """Run Python code in a subprocess where `import diffusers_memdistill` fails, as on a machine without it."""
+    prelude = "import sys; sys.modules['diffusers_memdistill'] = None\n"
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf_modules_subprocess")}
+    result = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, env=env,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def run_script(name: str, argv: list):
+    """Run a training script's main() in this process (faster than a subprocess)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "training_scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(module.parse_args([str(a) for a in argv]))
