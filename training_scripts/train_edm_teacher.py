@@ -40,6 +40,7 @@ from diffusers_memdistill.training.utils import (
     save_pipeline_atomically,
     step_generator,
     update_ema,
+    use_cpu,
 )
 
 
@@ -97,6 +98,7 @@ def sample_grid(ema_unet, args, num_classes, device, path):
 def main(args):
     # 1. Accelerator, output folder (never silently overwritten), seeds.
     accelerator = Accelerator(
+        cpu=use_cpu(args.cpu),
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")),

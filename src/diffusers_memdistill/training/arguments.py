@@ -16,6 +16,9 @@ def add_common_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="Mixed precision; defaults to the accelerate config.")
+    g.add_argument("--cpu", action="store_true",
+                   help="Run on the CPU even where a GPU is present; several processes then talk through gloo "
+                        "(e.g. `accelerate launch --multi_gpu --num_processes 2 SCRIPT --cpu`).")
     g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
     g.add_argument("--compile", action="store_true", help="torch.compile the network (GPU).")
     g.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")

@@ -22,6 +22,16 @@ CHECKPOINT_DIR = "checkpoints"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
+# ---------------------------------------------------------------- accelerator
+
+
+def use_cpu(requested: bool) -> bool:
+    """Whether the Accelerator must run on the CPU: asked for, or several processes launched without a GPU
+    (then accelerate's gloo backend connects them instead of leaving each process to train alone)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    return requested or (world_size > 1 and not torch.cuda.is_available())
+
+
 # ---------------------------------------------------------------- EMA
 
 

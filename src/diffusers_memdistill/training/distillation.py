@@ -1,0 +1,96 @@
+"""Helpers of the distillation scripts: loading an EDM teacher folder and building a student from it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import torch
+from diffusers import UNet2DModel
+
+from ..data import load_training_set
+from ..pipelines.pipeline_edm import EDMPipeline
+
+
+def load_edm_teacher(folder: str, dataset: str | None = None):
+    """Load an EDM teacher saved by ``train_edm_teacher.py`` and rebuild the exact set it was trained on.
+
+    Args:
+        folder (`str`): the teacher's output folder.
+        dataset (`str`, *optional*): where the training data lives now, if it moved since the teacher was trained.
+
+    Returns:
+        `(EDMPipeline, TrainingSet)`.
+
+    Raises:
+        FileNotFoundError: no such folder. ValueError: the folder does not hold an EDM teacher pipeline with its
+            training-set record.
+    """
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"Teacher folder {folder} does not exist.")
+    hint = "pass the --output_dir of a finished train_edm_teacher.py run"
+    index_path = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index_path):
+        raise ValueError(f"{folder} is not an EDM teacher pipeline folder: it has no model_index.json ({hint}).")
+    with open(index_path, encoding="utf-8") as f:
+        saved_class = json.load(f).get("_class_name")
+    saved_class = saved_class[1] if isinstance(saved_class, (list, tuple)) else saved_class
+    if saved_class != EDMPipeline.__name__:
+        raise ValueError(f"{folder} is not an EDM teacher pipeline folder: it holds a {saved_class} ({hint}).")
+    pipeline = EDMPipeline.from_pretrained(folder)
+    try:
+        training_set = load_training_set(folder, dataset)
+    except FileNotFoundError as exc:
+        raise ValueError(
+            f"{folder} holds an EDM teacher but no training_set.json: the student must be distilled on the teacher's "
+            f"training set ({hint})."
+        ) from exc
+    return pipeline, training_set
+
+
+def build_student_unet(
+    teacher_unet: UNet2DModel, init: str = "teacher", layers_per_block: int | None = None, seed: int = 0
+) -> tuple[UNet2DModel, int]:
+    """A student UNet with the teacher's configuration, optionally shallower (000 App. D.3).
+
+    Args:
+        teacher_unet (`UNet2DModel`): the teacher network F.
+        init (`str`, defaults to `"teacher"`): `"teacher"` copies every teacher parameter whose name and shape match
+            (all of them when the architectures agree), the others keep their seeded random initialisation;
+            `"random"` copies nothing.
+        layers_per_block (`int`, *optional*): residual blocks per resolution level; defaults to the teacher's.
+        seed (`int`): seed of the random initialisation.
+
+    Returns:
+        `(UNet2DModel, int)`: the student (float32, train mode) and the number of parameter tensors copied.
+    """
+    if init not in ("teacher", "random"):
+        raise ValueError(f"Unknown student initialisation {init!r}; choose 'teacher' or 'random'.")
+    config = dict(teacher_unet.config)
+    if layers_per_block is not None:
+        if layers_per_block < 1:
+            raise ValueError(f"layers_per_block must be at least 1, got {layers_per_block}.")
+        config["layers_per_block"] = layers_per_block
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        student = UNet2DModel.from_config(config)
+    copied = 0
+    if init == "teacher":
+        teacher_state = teacher_unet.state_dict()
+        state = student.state_dict()
+        for name, value in state.items():
+            source = teacher_state.get(name)
+            if source is not None and source.shape == value.shape:
+                value.copy_(source)
+                copied += 1
+    return student.float().train(), copied
+
+
+def file_sha256(path: str) -> str:
+    """SHA-256 of a file's bytes (identifies the teacher weights a run was distilled from)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
