@@ -26,6 +26,16 @@ BUNDLES = {
         "pipelines/pipeline_io",
         "pipelines/pipeline_edm",
     ],
+    "pipeline_consistency": [
+        "scalings",
+        "solvers",
+        "models/denoiser",
+        "schedulers/scheduling_edm_heun",
+        "schedulers/scheduling_consistency",
+        "pipelines/pipeline_io",
+        "pipelines/pipeline_edm",
+        "pipelines/pipeline_consistency",
+    ],
 }
 
 

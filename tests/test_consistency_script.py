@@ -1,0 +1,162 @@
+"""End to end: distil a tiny digits teacher with training_scripts/distill_consistency.py, reload, sample, resume."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, run_script, run_without_package
+from diffusers_memdistill.losses import consistency as cd
+from diffusers_memdistill.pipelines.pipeline_consistency import ConsistencyStudentPipeline
+from diffusers_memdistill.pipelines.pipeline_edm import EDMPipeline
+from diffusers_memdistill.training.utils import list_checkpoints
+
+pytestmark = pytest.mark.slow
+
+
+def distill(argv):
+    return run_script("distill_consistency", argv)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    run_script("train_edm_teacher", [
+        "--dataset", "digits", "--resolution", "8", "--num_train_images", "40", "--model_preset", "tiny",
+        "--max_train_steps", "2", "--train_batch_size", "8", "--num_validation_images", "0", "--report_to", "none",
+        "--output_dir", out,
+    ])
+    return out
+
+
+def _args(teacher_dir, out, *extra):
+    return ["--teacher", str(teacher_dir), "--output_dir", str(out), "--loss", "l2", "--train_batch_size", "4",
+            "--report_to", "none", "--num_validation_images", "4", *extra]
+
+
+@pytest.fixture(scope="module")
+def student_dir(teacher_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("student")
+    distill(_args(teacher_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "1"))
+    return out
+
+
+def _samples(pipe, steps):
+    generators = [torch.Generator().manual_seed(i) for i in range(3)]
+    return pipe(batch_size=3, generator=generators, num_inference_steps=steps, output_type="np").images
+
+
+def test_student_folder_reloads_and_samples(student_dir, teacher_dir, tmp_path):
+    for name in ("model_index.json", "pipeline_consistency.py", "training_config.json",
+                 "samples/step-0000002-1-step.png", "samples/step-0000002-2-step.png", "checkpoints/checkpoint-1"):
+        assert (student_dir / name).exists(), name
+    # The student carries the teacher's exact training-set record for evaluation.
+    assert json.loads((student_dir / "training_set.json").read_text()) == json.loads(
+        (teacher_dir / "training_set.json").read_text())
+    config = json.loads((student_dir / "training_config.json").read_text())
+    assert config["teacher"] == str(teacher_dir) and config["num_scales"] == 18 and config["optimizer"] == "radam"
+
+    pipe = ConsistencyStudentPipeline.from_pretrained(student_dir)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.sigma_min == 0.002 and pipe.scheduler.config.parameterization == "consistency"
+    # The saved weights are the evaluation EMA of the last checkpoint.
+    ema = load_file(student_dir / "checkpoints" / "checkpoint-2" / "ema_unet.safetensors")
+    online = load_file(student_dir / "checkpoints" / "checkpoint-2" / "unet.safetensors")
+    assert all(torch.equal(v, ema[k]) for k, v in pipe.unet.state_dict().items())
+    assert not all(torch.equal(v, online[k]) for k, v in pipe.unet.state_dict().items())
+    one, two = _samples(pipe, 1), _samples(pipe, 2)
+    assert one.shape == two.shape == (3, 8, 8, 1) and np.isfinite(one).all() and not np.allclose(one, two)
+    with pytest.raises(ValueError, match="holds a ConsistencyStudentPipeline, not a EDMPipeline"):
+        EDMPipeline.from_pretrained(student_dir)
+
+    # Without the package: the single-file pipeline shipped in the folder.
+    np.save(tmp_path / "expected.npy", np.stack([one, two]))
+    result = run_without_package(f"""
+import numpy as np, torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained({str(student_dir)!r}, trust_remote_code=True)
+assert type(pipe).__name__ == "ConsistencyStudentPipeline", type(pipe)
+assert type(pipe.scheduler).__name__ == "ConsistencyStudentScheduler", type(pipe.scheduler)
+pipe.set_progress_bar_config(disable=True)
+out = []
+for steps in (1, 2):
+    generators = [torch.Generator().manual_seed(i) for i in range(3)]
+    out.append(pipe(batch_size=3, generator=generators, num_inference_steps=steps, output_type="np").images)
+expected = np.load({str(tmp_path / "expected.npy")!r})
+assert np.allclose(np.stack(out), expected, atol=1e-6), abs(np.stack(out) - expected).max()
+print("OK")
+""", tmp_path)
+    assert "OK" in result.stdout
+
+
+def test_resume_reproduces_an_uninterrupted_run(teacher_dir, student_dir, tmp_path):
+    first = _args(teacher_dir, tmp_path, "--max_train_steps", "1", "--checkpointing_steps", "1")
+    first[first.index("--num_validation_images") + 1] = "0"
+    distill(first)
+    with pytest.raises(FileExistsError, match="resume_from_checkpoint"):
+        distill(_args(teacher_dir, tmp_path, "--max_train_steps", "2"))
+    with pytest.raises(ValueError, match="different configuration.*target_ema"):
+        distill(_args(teacher_dir, tmp_path, "--max_train_steps", "2", "--target_ema", "0.9",
+                      "--resume_from_checkpoint", "latest"))
+    distill(_args(teacher_dir, tmp_path, "--max_train_steps", "2", "--checkpointing_steps", "1",
+                  "--resume_from_checkpoint", "latest"))
+    for name in ("unet", "target_unet", "ema_unet"):
+        resumed = load_file(tmp_path / "checkpoints" / "checkpoint-2" / f"{name}.safetensors")
+        straight = load_file(student_dir / "checkpoints" / "checkpoint-2" / f"{name}.safetensors")
+        assert all(torch.equal(v, straight[k]) for k, v in resumed.items()), name
+
+
+def test_bad_teacher_folders_are_refused(teacher_dir, student_dir, tmp_path):
+    out = tmp_path / "out"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not an EDM teacher pipeline folder: it has no model_index.json"):
+        distill(_args(tmp_path / "empty", out, "--max_train_steps", "1"))
+    with pytest.raises(ValueError, match="not an EDM teacher pipeline folder: it holds a ConsistencyStudentPipeline"):
+        distill(_args(student_dir, out, "--max_train_steps", "1"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        distill(_args(tmp_path / "missing", out, "--max_train_steps", "1"))
+    assert not out.exists()  # nothing written for a refused teacher
+
+
+def test_lpips_without_weights_stops_before_training(teacher_dir, tmp_path, monkeypatch):
+    def offline(name):
+        raise OSError("<urlopen error [Errno -2] Name or service not known>")
+
+    monkeypatch.setattr(cd, "_default_lpips_factory", offline)
+    out = tmp_path / "out"
+    args = _args(teacher_dir, out, "--max_train_steps", "1")
+    args[args.index("l2")] = "lpips"
+    with pytest.raises(cd.LPIPSUnavailableError, match="vgg16-397923af.pth.*--loss l2"):
+        distill(args)
+    assert not out.exists()
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(teacher_dir, tmp_path):
+    args = _args(teacher_dir, tmp_path, "--max_train_steps", "3", "--checkpointing_steps", "1",
+                 "--learning_rate", "1e30")
+    args[args.index("--num_validation_images") + 1] = "0"
+    with pytest.raises(FloatingPointError, match="diverged") as info:
+        distill(args)
+    checkpoints = sorted((tmp_path / "checkpoints").glob("checkpoint-*"))
+    assert checkpoints and str(checkpoints[-1]) in str(info.value)
+    weights = load_file(checkpoints[-1] / "unet.safetensors")
+    assert all(bool(torch.isfinite(v).all()) for v in weights.values())
+    assert not (tmp_path / "model_index.json").exists()
+
+
+def test_two_processes_under_accelerate_launch(teacher_dir, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(REPO / "training_scripts" / "distill_consistency.py"),
+           *_args(teacher_dir, out, "--cpu", "--max_train_steps", "2", "--checkpointing_steps", "1")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "2 process(es)" in result.stdout + result.stderr
+    assert json.loads((out / "training_config.json").read_text())["num_processes"] == 2
+    assert [step for step, _ in list_checkpoints(out)] == [1, 2]
+    ConsistencyStudentPipeline.from_pretrained(out)
