@@ -103,11 +103,18 @@ def teacher_pairing_targets(pipeline, noise, labels, batch_size, device, teacher
     return torch.cat(multi), torch.cat(single)
 
 
+def finite_samples(samples: torch.Tensor) -> torch.Tensor:
+    """The samples without NaN/inf values (those are counted in ``num_nan_samples``, never silently dropped)."""
+    return samples[torch.isfinite(samples).flatten(1).all(1)]
+
+
 def pixel_frechet_distance(samples: torch.Tensor, train: torch.Tensor) -> float:
-    """Fréchet distance between Gaussians fitted to raw pixels: an always-available quality proxy, not FID."""
+    """Fréchet distance between Gaussians fitted to raw pixels: an always-available quality proxy, not FID.
+
+    Computed over the finite samples only."""
     from .metrics import fid_from_features
 
-    return float(fid_from_features(samples.flatten(1).double(), train.flatten(1).double()))
+    return float(fid_from_features(finite_samples(samples).flatten(1).double(), train.flatten(1).double()))
 
 
 def _finite(x: float) -> float | None:
@@ -287,7 +294,8 @@ def _fid(runs, samples, train_images, weights, cache_dir, device, results):
     for r in tqdm(runs, desc="FID"):
         reference = cached_feature_stats(train_images(r), extractor, os.path.join(cache_dir, "fid_stats"),
                                          extractor_id=f"inception:{weights or 'default'}")
-        results["models"][r.name]["fid"] = _finite(float(fid_from_features(extractor(samples[r.name]), reference)))
+        features = extractor(finite_samples(samples[r.name]))  # NaN samples are reported, not scored
+        results["models"][r.name]["fid"] = _finite(float(fid_from_features(features, reference)))
 
 
 def _pairing(runs, samples, noise, labels, train_images, batch_size, device, results, figures_dir):
