@@ -6,7 +6,6 @@
 import importlib
 import inspect
 import json
-import math
 import numpy as np
 import os
 import torch
@@ -72,6 +71,12 @@ def edm_scalings(sigma, sigma_data: float = 0.5):
     c_in = 1 / total.sqrt()
     c_noise = sigma.log() / 4
     return c_skip, c_out, c_in, c_noise
+
+
+def edm_scale_input(sample: torch.Tensor, sigma, sigma_data: float = 0.5) -> torch.Tensor:
+    """The UNet's input c_in(sigma) * x, for a scalar or per-sample ``sigma`` (a scheduler's ``scale_model_input``)."""
+    sigma = torch.as_tensor(sigma, device=sample.device, dtype=torch.float32)
+    return append_dims(edm_scalings(sigma, sigma_data)[2], sample.ndim) * sample
 
 
 def consistency_scalings(sigma, sigma_data: float = 0.5, sigma_min: float = 0.002):
@@ -291,9 +296,7 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
 
     def scale_model_input(self, sample: torch.Tensor, sigma) -> torch.Tensor:
         """The UNet's input c_in(sigma) * x."""
-        sigma = torch.as_tensor(sigma, device=sample.device, dtype=torch.float32)
-        c_in = edm_scalings(sigma.expand(sample.shape[0]) if sigma.ndim == 0 else sigma, self.config.sigma_data)[2]
-        return append_dims(c_in, sample.ndim) * sample
+        return edm_scale_input(sample, sigma, self.config.sigma_data)
 
     def churn(
         self,
@@ -463,9 +466,7 @@ class ConsistencyStudentScheduler(SchedulerMixin, ConfigMixin):
 
     def scale_model_input(self, sample: torch.Tensor, sigma) -> torch.Tensor:
         """The UNet's input c_in(sigma) * x (EDM's c_in)."""
-        sigma = torch.as_tensor(sigma, device=sample.device, dtype=torch.float32)
-        c_in = edm_scalings(sigma.expand(sample.shape[0]) if sigma.ndim == 0 else sigma, self.config.sigma_data)[2]
-        return append_dims(c_in, sample.ndim) * sample
+        return edm_scale_input(sample, sigma, self.config.sigma_data)
 
     def step(
         self,
@@ -604,6 +605,17 @@ def prepare_class_labels(unet, batch_size, class_labels, generator, device) -> O
     return labels.to(device)
 
 
+def prepare_latents(unet, batch_size, latents, generator, device) -> torch.Tensor:
+    """Unit-variance starting noise of shape (B, C, H, W): the given ``latents``, validated, or drawn per sample."""
+    cfg = unet.config
+    shape = (batch_size, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    if latents is None:
+        return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+    if tuple(latents.shape) != shape:
+        raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}.")
+    return latents.to(device, torch.float32)
+
+
 def postprocess_images(images: torch.Tensor, output_type: str):
     """Map samples in [-1, 1] to ``"pt"`` (NCHW in [0, 1]), ``"np"`` (NHWC in [0, 1]) or ``"pil"``; NaNs stay NaN."""
     images = ((images.float() + 1) / 2).clamp(0, 1)
@@ -659,19 +671,14 @@ class EDMPipeline(SingleFilePipelineMixin, DiffusionPipeline):
         Returns:
             [`ImagePipelineOutput`] or a tuple whose first element is the images.
         """
-        cfg = self.unet.config
-        shape = (batch_size, cfg.in_channels, cfg.sample_size, cfg.sample_size)
         device = self._execution_device
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}.")
+        latents = prepare_latents(self.unet, batch_size, latents, generator, device)
         labels = prepare_class_labels(self.unet, batch_size, class_labels, generator, device)
         denoiser = EDMDenoiser(self.unet, self.scheduler.config.sigma_data)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         sigmas = self.scheduler.sigmas
 
-        x = latents.to(device, torch.float32) * sigmas[0]
+        x = latents * sigmas[0]
         for i in self.progress_bar(range(len(sigmas) - 1)):
             x_hat, sigma_hat = self.scheduler.churn(x, i, generator)
             # Euler step.
@@ -738,13 +745,8 @@ class ConsistencyStudentPipeline(SingleFilePipelineMixin, DiffusionPipeline):
         Returns:
             [`ImagePipelineOutput`] or a tuple whose first element is the images.
         """
-        cfg = self.unet.config
-        shape = (batch_size, cfg.in_channels, cfg.sample_size, cfg.sample_size)
         device = self._execution_device
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}.")
+        latents = prepare_latents(self.unet, batch_size, latents, generator, device)
         labels = prepare_class_labels(self.unet, batch_size, class_labels, generator, device)
         if num_inference_steps is None or isinstance(num_inference_steps, int):
             self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -753,7 +755,7 @@ class ConsistencyStudentPipeline(SingleFilePipelineMixin, DiffusionPipeline):
         sigmas = self.scheduler.sigmas
         student = ConsistencyDenoiser(self.unet, self.scheduler.config.sigma_data, self.scheduler.config.sigma_min)
 
-        x = latents.to(device, torch.float32) * sigmas[0]
+        x = latents * sigmas[0]
         for i in self.progress_bar(range(len(sigmas))):
             # x = f(x_tau, tau), then fresh noise at the next level.
             x = self.scheduler.step(student(x, sigmas[i], labels), i, generator).prev_sample

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_script, tiny_unet
+from conftest import tiny_unet
 from diffusers_memdistill.cli import main as cli_main
 from diffusers_memdistill.data import build_training_set
 from diffusers_memdistill.evaluate import evaluate, shared_noise

@@ -209,7 +209,7 @@ def test_clip_score_with_a_tiny_open_clip_model():
 def test_sscd_onnx_backend_with_a_uint8_nhwc_graph(tmp_path):
     """The ONNX backend (optional dependency) on a graph with the layout of the int8 SSCD export: uint8 NHWC in,
     normalisation inside, embedding out. Here: channel means (scaled to [0, 1]) times a fixed matrix."""
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper, numpy_helper
 

@@ -8,8 +8,6 @@ References: EDM = Karras et al. 2022, "Elucidating the design space of diffusion
 CM = Song et al. 2023, "Consistency models"; LCM = Luo et al. 2023, "Latent consistency models".
 """
 
-import math
-
 import torch
 
 
@@ -62,6 +60,12 @@ def edm_scalings(sigma, sigma_data: float = 0.5):
     c_in = 1 / total.sqrt()
     c_noise = sigma.log() / 4
     return c_skip, c_out, c_in, c_noise
+
+
+def edm_scale_input(sample: torch.Tensor, sigma, sigma_data: float = 0.5) -> torch.Tensor:
+    """The UNet's input c_in(sigma) * x, for a scalar or per-sample ``sigma`` (a scheduler's ``scale_model_input``)."""
+    sigma = torch.as_tensor(sigma, device=sample.device, dtype=torch.float32)
+    return append_dims(edm_scalings(sigma, sigma_data)[2], sample.ndim) * sample
 
 
 def consistency_scalings(sigma, sigma_data: float = 0.5, sigma_min: float = 0.002):

@@ -4,11 +4,10 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
-from diffusers.utils.torch_utils import randn_tensor
 
 from ..models.denoiser import ConsistencyDenoiser
 from ..schedulers.scheduling_consistency import ConsistencyStudentScheduler
-from .pipeline_edm import postprocess_images, prepare_class_labels
+from .pipeline_edm import postprocess_images, prepare_class_labels, prepare_latents
 from .pipeline_io import SingleFilePipelineMixin
 
 
@@ -57,13 +56,8 @@ class ConsistencyStudentPipeline(SingleFilePipelineMixin, DiffusionPipeline):
         Returns:
             [`ImagePipelineOutput`] or a tuple whose first element is the images.
         """
-        cfg = self.unet.config
-        shape = (batch_size, cfg.in_channels, cfg.sample_size, cfg.sample_size)
         device = self._execution_device
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}.")
+        latents = prepare_latents(self.unet, batch_size, latents, generator, device)
         labels = prepare_class_labels(self.unet, batch_size, class_labels, generator, device)
         if num_inference_steps is None or isinstance(num_inference_steps, int):
             self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -72,7 +66,7 @@ class ConsistencyStudentPipeline(SingleFilePipelineMixin, DiffusionPipeline):
         sigmas = self.scheduler.sigmas
         student = ConsistencyDenoiser(self.unet, self.scheduler.config.sigma_data, self.scheduler.config.sigma_min)
 
-        x = latents.to(device, torch.float32) * sigmas[0]
+        x = latents * sigmas[0]
         for i in self.progress_bar(range(len(sigmas))):
             # x = f(x_tau, tau), then fresh noise at the next level.
             x = self.scheduler.step(student(x, sigmas[i], labels), i, generator).prev_sample

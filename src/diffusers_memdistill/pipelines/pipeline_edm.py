@@ -33,6 +33,17 @@ def prepare_class_labels(unet, batch_size, class_labels, generator, device) -> O
     return labels.to(device)
 
 
+def prepare_latents(unet, batch_size, latents, generator, device) -> torch.Tensor:
+    """Unit-variance starting noise of shape (B, C, H, W): the given ``latents``, validated, or drawn per sample."""
+    cfg = unet.config
+    shape = (batch_size, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    if latents is None:
+        return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+    if tuple(latents.shape) != shape:
+        raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}.")
+    return latents.to(device, torch.float32)
+
+
 def postprocess_images(images: torch.Tensor, output_type: str):
     """Map samples in [-1, 1] to ``"pt"`` (NCHW in [0, 1]), ``"np"`` (NHWC in [0, 1]) or ``"pil"``; NaNs stay NaN."""
     images = ((images.float() + 1) / 2).clamp(0, 1)
@@ -88,19 +99,14 @@ class EDMPipeline(SingleFilePipelineMixin, DiffusionPipeline):
         Returns:
             [`ImagePipelineOutput`] or a tuple whose first element is the images.
         """
-        cfg = self.unet.config
-        shape = (batch_size, cfg.in_channels, cfg.sample_size, cfg.sample_size)
         device = self._execution_device
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}.")
+        latents = prepare_latents(self.unet, batch_size, latents, generator, device)
         labels = prepare_class_labels(self.unet, batch_size, class_labels, generator, device)
         denoiser = EDMDenoiser(self.unet, self.scheduler.config.sigma_data)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         sigmas = self.scheduler.sigmas
 
-        x = latents.to(device, torch.float32) * sigmas[0]
+        x = latents * sigmas[0]
         for i in self.progress_bar(range(len(sigmas) - 1)):
             x_hat, sigma_hat = self.scheduler.churn(x, i, generator)
             # Euler step.

@@ -9,7 +9,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..scalings import append_dims, edm_scalings, karras_sigmas
+from ..scalings import edm_scale_input, edm_scalings, karras_sigmas
 
 
 @dataclass
@@ -125,9 +125,7 @@ class ConsistencyStudentScheduler(SchedulerMixin, ConfigMixin):
 
     def scale_model_input(self, sample: torch.Tensor, sigma) -> torch.Tensor:
         """The UNet's input c_in(sigma) * x (EDM's c_in)."""
-        sigma = torch.as_tensor(sigma, device=sample.device, dtype=torch.float32)
-        c_in = edm_scalings(sigma.expand(sample.shape[0]) if sigma.ndim == 0 else sigma, self.config.sigma_data)[2]
-        return append_dims(c_in, sample.ndim) * sample
+        return edm_scale_input(sample, sigma, self.config.sigma_data)
 
     def step(
         self,

@@ -9,7 +9,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..scalings import append_dims, edm_scalings, karras_sigmas
+from ..scalings import edm_scale_input, edm_scalings, karras_sigmas
 from ..solvers import euler_update, heun_correction, ode_derivative
 
 
@@ -89,9 +89,7 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
 
     def scale_model_input(self, sample: torch.Tensor, sigma) -> torch.Tensor:
         """The UNet's input c_in(sigma) * x."""
-        sigma = torch.as_tensor(sigma, device=sample.device, dtype=torch.float32)
-        c_in = edm_scalings(sigma.expand(sample.shape[0]) if sigma.ndim == 0 else sigma, self.config.sigma_data)[2]
-        return append_dims(c_in, sample.ndim) * sample
+        return edm_scale_input(sample, sigma, self.config.sigma_data)
 
     def churn(
         self,
