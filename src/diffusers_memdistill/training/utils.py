@@ -223,11 +223,15 @@ def save_pipeline_atomically(pipeline, output_dir: str, records: dict) -> None:
     os.rmdir(tmp)
 
 
-def save_image_grid(images: torch.Tensor, path: str, nrow: int | None = None) -> str:
-    """Save images in [0, 1] of shape (N, C, H, W) as one PNG grid (written atomically)."""
+def save_image_grid(images: torch.Tensor, path: str, nrow: int | None = None, min_size: int = 32) -> str:
+    """Save images in [0, 1] of shape (N, C, H, W) as one PNG grid (written atomically); images smaller than
+    ``min_size`` pixels are enlarged by an integer factor (nearest neighbour) so that the grid can be looked at."""
     from torchvision.utils import save_image
 
     nrow = nrow or max(1, int(round(images.shape[0] ** 0.5)))
+    factor = -(-min_size // images.shape[-1])
+    if factor > 1:
+        images = torch.nn.functional.interpolate(images.float(), scale_factor=factor, mode="nearest")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp.png"
     save_image(images.float().nan_to_num(0.0).clamp(0, 1), tmp, nrow=nrow, padding=1, pad_value=1.0)
