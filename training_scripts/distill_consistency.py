@@ -20,8 +20,6 @@ import os
 import sys
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
 from diffusers_memdistill.data import images_to_model_range
@@ -39,9 +37,12 @@ from diffusers_memdistill.training.distillation import build_student_unet, file_
 from diffusers_memdistill.training.utils import (
     batch_indices,
     ema_decay_at,
+    init_trackers,
     jsonable,
     list_checkpoints,
     load_checkpoint,
+    log_images,
+    make_accelerator,
     make_ema,
     prepare_output_dir,
     resolve_checkpoint,
@@ -50,7 +51,7 @@ from diffusers_memdistill.training.utils import (
     save_pipeline_atomically,
     step_generator,
     update_ema,
-    use_cpu,
+    warmup_lr_scheduler,
 )
 
 
@@ -139,15 +140,7 @@ def diverged(step, output_dir, what):
 
 def main(args):
     # 1. Accelerator, output folder (never silently overwritten), seeds.
-    accelerator = Accelerator(
-        cpu=use_cpu(args.cpu),
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                            logging_dir=os.path.join(args.output_dir, "logs")),
-    )
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
+    accelerator = make_accelerator(args)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
 
     # 2. The teacher and its exact training set (checked before anything is written).
@@ -183,11 +176,7 @@ def main(args):
                                 {"optimizer": optimizer}, run_fingerprint)
         first_step = state["step"]
         accelerator.print(f"Resumed from {path} at step {first_step}.")
-    for group in optimizer.param_groups:
-        group.setdefault("initial_lr", args.learning_rate)
-    warmup = max(args.lr_warmup_steps, 1)
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warmup),
-                                                     last_epoch=first_step - 1)
+    lr_scheduler = warmup_lr_scheduler(optimizer, args.learning_rate, args.lr_warmup_steps, first_step)
     target_unet.to(device)
     ema_unet.to(device)
     unet, optimizer = accelerator.prepare(unet, optimizer)
@@ -205,8 +194,7 @@ def main(args):
 
     if accelerator.is_main_process:
         training_set.save(args.output_dir)
-        accelerator.init_trackers("consistency_distillation", config={k: v for k, v in vars(args).items() if v is None
-                                                                      or isinstance(v, (int, float, str, bool))})
+        init_trackers(accelerator, "consistency_distillation", args)
     n_params = sum(p.numel() for p in unet.parameters())
     accelerator.print(
         f"Distilling {args.teacher} on {len(training_set)} images "
@@ -255,10 +243,8 @@ def main(args):
                 if args.num_validation_images > 0:
                     grids = sample_grids(ema_unet, student_scheduler, args, num_classes, device,
                                          os.path.join(args.output_dir, "samples", f"step-{done:07d}"))
-                    for tracker in accelerator.trackers:
-                        if tracker.name == "tensorboard":
-                            for name, grid_images in grids.items():
-                                tracker.writer.add_images(f"samples/{name}", grid_images, done)
+                    for name, grid_images in grids.items():
+                        log_images(accelerator, f"samples/{name}", grid_images, done)
             accelerator.wait_for_everyone()
 
     # 6. Final student pipeline with the EMA weights, the teacher's training-set record and the resolved config.

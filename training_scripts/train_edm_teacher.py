@@ -16,8 +16,6 @@ import os
 import sys
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
 from diffusers_memdistill.data import build_training_set, images_to_model_range
@@ -30,8 +28,11 @@ from diffusers_memdistill.training.arguments import add_common_training_args, ad
 from diffusers_memdistill.training.utils import (
     batch_indices,
     ema_decay_at,
+    init_trackers,
     jsonable,
     load_checkpoint,
+    log_images,
+    make_accelerator,
     make_ema,
     prepare_output_dir,
     resolve_checkpoint,
@@ -40,7 +41,7 @@ from diffusers_memdistill.training.utils import (
     save_pipeline_atomically,
     step_generator,
     update_ema,
-    use_cpu,
+    warmup_lr_scheduler,
 )
 
 
@@ -97,14 +98,7 @@ def sample_grid(ema_unet, args, num_classes, device, path):
 
 def main(args):
     # 1. Accelerator, output folder (never silently overwritten), seeds.
-    accelerator = Accelerator(
-        cpu=use_cpu(args.cpu),
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")),
-    )
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
+    accelerator = make_accelerator(args)
     if accelerator.is_main_process:
         prepare_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     accelerator.wait_for_everyone()
@@ -137,11 +131,7 @@ def main(args):
         state = load_checkpoint(path, {"unet": unet, "ema_unet": ema_unet}, {"optimizer": optimizer}, run_fingerprint)
         first_step = state["step"]
         accelerator.print(f"Resumed from {path} at step {first_step}.")
-    for group in optimizer.param_groups:
-        group.setdefault("initial_lr", args.learning_rate)
-    warmup = max(args.lr_warmup_steps, 1)
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warmup),
-                                                     last_epoch=first_step - 1)
+    lr_scheduler = warmup_lr_scheduler(optimizer, args.learning_rate, args.lr_warmup_steps, first_step)
     ema_unet.to(device)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     train_unet = torch.compile(unet) if args.compile else unet
@@ -150,8 +140,7 @@ def main(args):
 
     if accelerator.is_main_process:
         training_set.save(args.output_dir)
-        accelerator.init_trackers("edm_teacher", config={k: v for k, v in vars(args).items() if v is None
-                                                         or isinstance(v, (int, float, str, bool))})
+        init_trackers(accelerator, "edm_teacher", args)
     accelerator.print(
         f"Training on {len(training_set)} images ({training_set.record['num_examples']} with repeats), "
         f"{sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters, {world} process(es)."
@@ -190,9 +179,7 @@ def main(args):
                 if args.num_validation_images > 0:
                     grid, grid_images = sample_grid(ema_unet, args, num_classes, device,
                                                     os.path.join(args.output_dir, "samples", f"step-{done:07d}.png"))
-                    for tracker in accelerator.trackers:
-                        if tracker.name == "tensorboard":
-                            tracker.writer.add_images("samples", grid_images, done)
+                    log_images(accelerator, "samples", grid_images, done)
             accelerator.wait_for_everyone()
 
     # 6. Final pipeline with the EMA weights, the training-set record and the resolved config, written atomically.

@@ -32,6 +32,47 @@ def use_cpu(requested: bool) -> bool:
     return requested or (world_size > 1 and not torch.cuda.is_available())
 
 
+def make_accelerator(args):
+    """The scripts' Accelerator: CPU when asked or when needed (`use_cpu`), mixed precision, trackers logging to
+    ``output_dir/logs``; TF32 matmuls when ``args.allow_tf32``."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    accelerator = Accelerator(
+        cpu=use_cpu(args.cpu),
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, "logs")),
+    )
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator
+
+
+def init_trackers(accelerator, project_name: str, args) -> None:
+    """Start the trackers with the run's scalar flags as its config (main process only)."""
+    config = {k: v for k, v in vars(args).items() if v is None or isinstance(v, (int, float, str, bool))}
+    accelerator.init_trackers(project_name, config=config)
+
+
+def log_images(accelerator, tag: str, images: torch.Tensor, step: int) -> None:
+    """Log images in [0, 1] of shape (N, C, H, W) to the trackers that take images (tensorboard)."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(tag, images, step)
+
+
+def warmup_lr_scheduler(optimizer, learning_rate: float, warmup_steps: int, first_step: int = 0):
+    """Linear warm-up over ``warmup_steps`` steps, positioned at ``first_step`` (0, or the step a run resumes at),
+    so that a resumed run uses the learning rates of an uninterrupted one."""
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", learning_rate)
+    warmup = max(warmup_steps, 1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warmup),
+                                             last_epoch=first_step - 1)
+
+
 # ---------------------------------------------------------------- EMA
 
 
