@@ -87,11 +87,11 @@ def test_student_card_reports_the_real_metrics_field_by_field(tiny_run):
     # The table: this model's rows and its teacher's, with the numbers of metrics.json.
     text = card.content
     teacher = results["models"]["teacher"]
-    assert f"| teacher (teacher) | 8 | {teacher['fd_pixel']:.4g} | " in text
+    assert f"| teacher | 8 | {teacher['fd_pixel']:.4g} | " in text
     one = results["models"]["student (1-step)"]
     assert (f"| **this model, 1 step** | 8 | {one['fd_pixel']:.4g} | {100 * one['l2']['fraction_memorized']:.2f}% | "
             f"{one['l2']['p95']:.4g} | {one['pairing']['delta_e']:.4g} |") in text
-    assert "| teacher (teacher) | 8 |" in text and text.count("not measured |") == 1  # ΔE of the teacher
+    assert text.count("not measured |") == 1  # ΔE of the teacher
     assert "Memorized (L2 ratio < 1/3)" in text and "No floor row" in text
     assert "Not measured for this model: FID, SSCD copy detection." in text
     assert "Not evaluated" not in text
@@ -123,6 +123,35 @@ def test_teacher_card_and_the_kind_of_each_folder(tiny_run):
     assert hub.inspect_model_folder(tiny_run / "student").kind.name == "consistency_student"
     with pytest.raises(FileNotFoundError, match="not a saved pipeline"):
         hub.inspect_model_folder(tiny_run / "report")
+
+
+def test_licence_and_base_model_follow_the_parent(tiny_run, tmp_path):
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    shutil.copytree(tiny_run / "teacher", teacher)
+    shutil.copytree(tiny_run / "student", student)
+    config = json.loads((student / "training_config.json").read_text())
+    (student / "training_config.json").write_text(json.dumps({**config, "teacher": str(teacher)}))
+    # A teacher with a card passes its licence on; its Hub id, given, becomes the base model.
+    (teacher / "README.md").write_text("---\nlicense: cc-by-nc-4.0\n---\n# teacher\n")
+    card, _ = hub.render_model_card(student, base_model="someone/tiny-teacher")
+    assert card.data.license == "cc-by-nc-4.0" and card.data.base_model == "someone/tiny-teacher"
+    assert "inherited from the parent's model card" in card.content
+    assert f"[`someone/tiny-teacher`](https://huggingface.co/someone/tiny-teacher) (trained from the local copy " \
+           f"`{teacher}`)" in card.content
+    # Without a card, the teacher's own parent decides (trained from scratch here: the project's licence).
+    (teacher / "README.md").unlink()
+    card, _ = hub.render_model_card(student, license="mit")
+    assert card.data.license == "mit" and card.data.base_model is None
+    card, _ = hub.render_model_card(student)
+    assert card.data.license == "apache-2.0" and "inherited from the parent: the licence of diffusers-memdistill" in \
+        card.content
+    # A teacher downloaded from the Hub is recognised by its cache path.
+    cached = tmp_path / "hub" / "models--someone--cached-teacher" / "snapshots" / "0123abc"
+    shutil.copytree(tiny_run / "teacher", cached)
+    (student / "training_config.json").write_text(json.dumps({**config, "teacher": str(cached)}))
+    assert hub.render_model_card(student)[0].data.base_model == "someone/cached-teacher"
+    with pytest.raises(ValueError, match="not of the form USER/NAME"):
+        hub.render_model_card(student, base_model="not a repo")
 
 
 @pytest.mark.parametrize("content, reason", [
@@ -376,6 +405,20 @@ def test_pickle_weights_and_incomplete_folders_are_refused(tiny_run, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_token_in_any_file_stops_the_folder(tiny_run, tmp_path, monkeypatch):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_run / "teacher", model)
+    record = json.loads((model / "training_set.json").read_text())
+    (model / "training_set.json").write_text(json.dumps({**record, "note": f"made with {TOKEN}"}))
+    with pytest.raises(RuntimeError, match="README.md, training_set.json would contain the Hugging Face token"):
+        hub.build_upload_folder(model, str(tmp_path / "out" / "upload"), token=TOKEN)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)  # the logged-in token is looked for too
+    with pytest.raises(RuntimeError, match="would contain the Hugging Face token"):
+        hub.build_upload_folder(model, str(tmp_path / "out" / "upload"))
+    assert os.listdir(tmp_path / "out") == []  # nothing partial is left behind
+    assert TOKEN not in str(hub.redact_config({"hub_token": TOKEN}))
+
+
 def test_redaction_of_secrets_in_configs_and_command_lines():
     config = {"hub_token": "x", "seed": 1, "nested": {"api_key": "y", "hub_token": None},
               "argv": ["--hub_token", "x", "--hub_token=x", "--seed", "1"]}
@@ -471,6 +514,15 @@ def test_bad_repo_id_is_refused(tiny_run, tmp_path, repo_id, capsys):
     assert cli_main(["push", "--model", str(tiny_run / "student"), "--repo_id", repo_id, "--dry_run",
                      str(tmp_path / "x")]) == 2
     assert f"Repo id {repo_id!r}" in capsys.readouterr().err
+
+
+def test_cli_lists_push_and_card(capsys):
+    assert cli_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "push" in out and "card" in out
+    with pytest.raises(SystemExit):
+        cli_main(["push", "--help"])
+    assert "--dry_run" in capsys.readouterr().out
 
 
 def test_card_command_writes_the_card_and_its_figures(tiny_run, tmp_path):

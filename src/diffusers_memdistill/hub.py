@@ -229,14 +229,16 @@ def _assert_no_token(folder: str, tokens: list) -> None:
     needles = [t.encode() for t in tokens if t]
     if not needles:
         return
+    found = []
     for root, _, files in os.walk(folder):
         for name in files:
             with open(os.path.join(root, name), "rb") as f:
                 data = f.read()
             if any(n in data for n in needles):
-                raise RuntimeError(
-                    f"{os.path.relpath(os.path.join(root, name), folder)} contains the Hugging Face token; nothing "
-                    "was uploaded. Remove the token from the model folder's files.")
+                found.append(os.path.relpath(os.path.join(root, name), folder))
+    if found:
+        raise RuntimeError(f"{', '.join(sorted(found))} would contain the Hugging Face token; nothing was written or "
+                           "uploaded. Remove the token from the model folder's files.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -587,7 +589,7 @@ def _row_label(row: MetricsRow) -> str:
     """How a row is named on the card: this model (with its steps), its teacher, or a floor row."""
     if row.role == "floor":
         return row.name
-    label = "this model" if row.role == "model" else f"teacher ({row.name})"
+    label = "this model" if row.role == "model" else ("teacher" if row.name == "teacher" else f"teacher ({row.name})")
     if row.steps is not None:
         label += f", {row.steps} step{'s' if row.steps != 1 else ''}"
     elif row.role == "model":
@@ -846,6 +848,8 @@ def render_model_card(
     import jinja2
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+    if base_model is not None:
+        validate_hub_repo_id(base_model)
     model = inspect_model_folder(model_dir, kind)
     evaluation = load_evaluation(model, metrics_path, metrics_rows)
     lineage_ = lineage(model, base_model, license)
@@ -1003,29 +1007,39 @@ def build_upload_folder(
     Returns:
         `str`: ``output_dir``.
     """
+    output_dir = os.path.abspath(str(output_dir))
+    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
+        raise FileExistsError(f"{output_dir} exists and is not empty; the upload folder is written to a new folder.")
     model = inspect_model_folder(model_dir, card_kwargs.get("kind"))
     files = _pipeline_files(model)
     card, figures = render_model_card(model.path, metrics_path=metrics_path, repo_id=repo_id,
                                       metrics_link="metrics.json", **card_kwargs)
     evaluation = load_evaluation(model, metrics_path, card_kwargs.get("metrics_rows"))
-    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
-        raise FileExistsError(f"{output_dir} exists and is not empty; the upload folder is written to a new folder.")
-    os.makedirs(output_dir, exist_ok=True)
-    for rel in files:
-        destination = os.path.join(output_dir, rel)
-        os.makedirs(os.path.dirname(destination), exist_ok=True)
-        if rel == "training_config.json":
-            with open(destination, "w", encoding="utf-8") as f:
-                json.dump(redact_config(model.training_config), f, indent=1)
-        else:
-            shutil.copy2(os.path.join(model.path, rel), destination)
-    for source, rel in figures:
-        os.makedirs(os.path.join(output_dir, os.path.dirname(rel)), exist_ok=True)
-        shutil.copy2(source, os.path.join(output_dir, rel))
-    if evaluation.evaluated:  # the file as measured; a malformed or unrelated one is not published
-        shutil.copy2(evaluation.path, os.path.join(output_dir, "metrics.json"))
-    card.save(os.path.join(output_dir, "README.md"))
-    _assert_no_token(output_dir, _known_tokens(token))
+    # Written beside the destination and moved into place when complete: a failure leaves no partial folder.
+    os.makedirs(os.path.dirname(output_dir), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-upload-", dir=os.path.dirname(output_dir))
+    try:
+        for rel in files:
+            destination = os.path.join(tmp, rel)
+            os.makedirs(os.path.dirname(destination), exist_ok=True)
+            if rel == "training_config.json":
+                with open(destination, "w", encoding="utf-8") as f:
+                    json.dump(redact_config(model.training_config), f, indent=1)
+            else:
+                shutil.copy2(os.path.join(model.path, rel), destination)
+        for source, rel in figures:
+            os.makedirs(os.path.join(tmp, os.path.dirname(rel)), exist_ok=True)
+            shutil.copy2(source, os.path.join(tmp, rel))
+        if evaluation.evaluated:  # the file as measured; a malformed or unrelated one is not published
+            shutil.copy2(evaluation.path, os.path.join(tmp, "metrics.json"))
+        card.save(os.path.join(tmp, "README.md"))
+        _assert_no_token(tmp, _known_tokens(token))
+        if os.path.isdir(output_dir):
+            os.rmdir(output_dir)  # empty, checked above
+        os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return output_dir
 
 
@@ -1168,13 +1182,13 @@ class PushCommand:
 
 
 class CardCommand:
-    """``memdistill card --model DIR [--metrics PATH] --output FILE``.
+    r"""``memdistill card --model DIR [--metrics PATH] --output FILE``.
 
     The demo's card, ``model_cards/digits-demo.md``, is generated from a ``memdistill demo`` run with::
 
         memdistill demo --output_dir memdistill-demo
         memdistill card --model memdistill-demo/student --metrics memdistill-demo/report/metrics.json \
-            --output model_cards/digits-demo.md
+            --name digits-demo --output model_cards/digits-demo.md
 
     It writes the card and copies the figures it shows to ``model_cards/digits-demo-figures/``.
     """
