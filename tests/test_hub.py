@@ -321,7 +321,7 @@ def test_templates_of_the_models_to_come(tmp_path, case):
         config["pretrained_model_name_or_path" if case == "sd_full" else "pretrained_teacher_model"] = SD
         config["num_ddim_timesteps"] = 50
     (folder / "training_config.json").write_text(json.dumps(config))
-    record = {"dataset": "memorized-pairs", "num_images": 3, "num_examples": 30, "sha256": "cd" * 32,
+    record = {"dataset": "memorized-pairs", "num_images": 3, "num_examples": 30, "sha256": "cd" * 32, "note": "a|b",
               "entries": [{"source": f"{i}.png", "caption": f"caption {i}", "repeats": 10} for i in range(3)]}
     (folder / "training_set.json").write_text(json.dumps(record))
     text_to_image = case != "dmd"
@@ -342,6 +342,7 @@ def test_templates_of_the_models_to_come(tmp_path, case):
     assert ("lora" in data.tags) == case.endswith("lora")
     assert ("load_lora_weights(\"someone/" in text) == case.endswith("lora")
     assert "| entries | 3 recorded images, 3 of them repeated, 3 with captions |" in text
+    assert "| note | a\\|b |" in text  # a table cell stays one cell
     assert "Preprocessing:\n  resize 288, ImageNet normalization." in text
     assert {r.metric_type for r in data.eval_results} >= {"memorization_l2_ratio", "memorization_sscd", "sscd_p95"}
     assert "6.25% of this model's 4-step samples are near-copies" in text  # above the default 1% threshold

@@ -575,6 +575,11 @@ def _evaluation_from_results(model, results, metrics_path, row_names) -> Evaluat
 # Card content.
 
 
+def _cell(text) -> str:
+    """Text that stays inside one markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
 def _fmt(value, percent=False) -> str:
     return f"{100 * value:.2f}%" if percent else f"{value:.4g}"
 
@@ -620,7 +625,8 @@ def metrics_table(evaluation: Evaluation) -> str:
         samples = "–" if r.num_samples is None else f"{r.num_samples}"
         if r.num_nan_samples:
             samples += f" ({r.num_nan_samples} NaN)"
-        cells = [f"**{_row_label(r)}**" if r.role == "model" else _row_label(r), samples]
+        label = _cell(_row_label(r))
+        cells = [f"**{label}**" if r.role == "model" else label, samples]
         for key in measured:
             percent = METRIC_COLUMNS[_split_metric(key)[0]][1]
             cells.append(_fmt(r.values[key], percent) if key in r.values else "not measured")
@@ -679,9 +685,9 @@ def _training_set_rows(record: dict | None) -> list:
         if key == "entries" or key == "class_names":
             continue
         if isinstance(value, (str, int, float, bool)) or value is None:
-            rows.append((key, "–" if value is None else str(value)))
+            rows.append((_cell(key), "–" if value is None else _cell(value)))
         elif isinstance(value, dict):
-            rows.append((key, json.dumps(value, sort_keys=True)))
+            rows.append((_cell(key), _cell(json.dumps(value, sort_keys=True))))
     if isinstance(record.get("class_names"), list):
         rows.append(("classes", f"{len(record['class_names'])}"))
     entries = record.get("entries")
@@ -801,7 +807,7 @@ def _default_steps(model: ModelFolder):
 
 def _sampling_rows(model: ModelFolder) -> list:
     config = model.scheduler_config or {}
-    return [(k, json.dumps(v)) for k, v in sorted(config.items()) if not k.startswith("_")]
+    return [(_cell(k), _cell(json.dumps(v))) for k, v in sorted(config.items()) if not k.startswith("_")]
 
 
 def _template_path(kind: CardKind) -> str:
