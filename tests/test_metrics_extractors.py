@@ -27,7 +27,7 @@ from diffusers_memdistill.metrics import (
     sscd_preprocess,
     sscd_resize,
 )
-from diffusers_memdistill.metrics._images import resize
+from diffusers_memdistill.metrics._images import IMAGENET_MEAN, IMAGENET_STD, resize
 from diffusers_memdistill.utils.hashing import file_sha256
 
 # Building the test files uses torch.jit.script/trace, deprecated in recent torch but still the published format.
@@ -374,6 +374,46 @@ def test_sscd_onnx_backend_with_a_uint8_nhwc_graph(tmp_path):
     # The graph's own normalisation cannot be replaced by DCR's mean 0.5 / std 0.5: refused, not approximated.
     with pytest.raises(ValueError, match="cannot be reproduced.*uint8"):
         SSCDOnnxFeatureExtractor(path, preprocessing="dcr")
+
+
+def test_sscd_onnx_uint8_graph_with_sub_div_normalisation_takes_either_preprocessing(tmp_path):
+    """A uint8 graph normalising with Sub/Div constants (as the int8 SSCD export does, with ImageNet's in 8-bit units)
+    gets the preprocessing's own mean and std: "dcr" is then reproduced exactly, not refused."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.arange(12, dtype=np.float32).reshape(3, 4) - 5
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["image"], ["pixels"], to=TensorProto.FLOAT),
+            helper.make_node("Sub", ["pixels", "pixel_mean"], ["centred"]),
+            helper.make_node("Div", ["centred", "pixel_std"], ["scaled"]),
+            helper.make_node("ReduceMean", ["scaled", "axes"], ["m"], keepdims=0),
+            helper.make_node("MatMul", ["m", "w"], ["embedding"]),
+        ],
+        "tiny_normalising",
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", "height", "width", 3])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", 4])],
+        initializer=[
+            numpy_helper.from_array(np.array([123.675, 116.28, 103.53], dtype=np.float32), "pixel_mean"),
+            numpy_helper.from_array(np.array([58.395, 57.12, 57.375], dtype=np.float32), "pixel_std"),
+            numpy_helper.from_array(np.array([1, 2], dtype=np.int64), "axes"),
+            numpy_helper.from_array(weight, "w"),
+        ],
+    )
+    path = tmp_path / "normalising.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    images = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    feats = {}
+    for preprocessing in SSCD_PREPROCESSINGS:
+        feats[preprocessing] = SSCDOnnxFeatureExtractor(path, preprocessing=preprocessing)(images)
+        eight_bit = (sscd_resize(images, preprocessing) * 255).round() / 255  # the graph sees an 8-bit image
+        mean, std = ((0.5,) * 3, (0.5,) * 3) if preprocessing == "dcr" else (IMAGENET_MEAN, IMAGENET_STD)
+        x = (eight_bit - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+        expected = F.normalize(x.mean(dim=(-2, -1)) @ torch.from_numpy(weight), dim=1)
+        torch.testing.assert_close(feats[preprocessing], expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(feats["sscd"], feats["dcr"], atol=1e-3)
 
 
 def test_sscd_onnx_backend_with_a_float_nchw_graph_applies_either_preprocessing(tmp_path):

