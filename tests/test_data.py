@@ -163,6 +163,9 @@ def test_record_is_checked_file_by_file(tmp_path):
     Image.fromarray(np.zeros((10, 14, 3), np.uint8)).save(root / source)
     with pytest.raises(ValueError, match=f"{source}.*sha256 differs"):
         load_training_set(str(tmp_path / "model"))
+    (root / source).unlink()
+    with pytest.raises(FileNotFoundError, match=f"Training image {source} is missing"):
+        load_training_set(str(tmp_path / "model"))
     (root / source).write_bytes(original)
     with pytest.raises(FileNotFoundError, match="No training-set record"):
         load_training_set(str(tmp_path))
@@ -316,5 +319,21 @@ def test_bad_data_gives_clear_errors(tmp_path):
         build_training_set(str(bad), 8, cache_dir=cache)
     with pytest.raises(ValueError, match="channels must be 1 or 3"):
         build_training_set("digits", 8, channels=2)
+    datasets.Dataset.from_dict({"text": ["no", "images"]}).save_to_disk(str(tmp_path / "text_only"))
+    with pytest.raises(ValueError, match="has no column of images"):
+        build_training_set(str(tmp_path / "text_only"), 8)
     with pytest.raises(ValueError, match=r"digits has no split 'test'; its splits are \['train'\]"):
         build_training_set("digits", 8, split="test")
+
+
+def test_labels_and_captions_from_metadata_columns(tmp_path):
+    """A metadata.jsonl with a string label column and a caption column (datasets then infers no folder labels)."""
+    root = tmp_path / "meta"
+    _write_images(root, 4, seed=0)
+    with open(root / "metadata.jsonl", "w") as f:
+        for i, kind in enumerate(["zebra", "ant", "zebra", "ant"]):
+            f.write(json.dumps({"file_name": f"{i}.png", "label": kind, "caption": f"{kind} {i}"}) + "\n")
+    ts = build_training_set(str(root), 8, num_train_images=2, seed=0, cache_dir=tmp_path / "cache")
+    assert ts.record["class_names"] == ["ant", "zebra"] and sorted(ts.labels.tolist()) == [0, 1]
+    assert all(c == f"{['ant', 'zebra'][label]} {e['index']}" for c, label, e in
+               zip(ts.captions, ts.labels.tolist(), ts.record["entries"]))

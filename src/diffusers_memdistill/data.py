@@ -30,7 +30,7 @@ from PIL import Image
 
 RECORD_NAME = "training_set.json"
 RECORD_FORMAT = 2
-IMAGE_COLUMNS = ("image", "img", "pixel_values")
+IMAGE_COLUMNS = ("image", "img")  # preferred among several columns of images
 LABEL_COLUMNS = ("label", "labels", "fine_label", "class")
 CAPTION_COLUMNS = ("text", "caption")
 HELDOUT_SPLIT = "test"
@@ -86,7 +86,8 @@ class DatasetIndex:
                 path = _resolve_inside(self.root, path)
             with open(path, "rb") as f:
                 data = f.read()
-        return _decode_bytes(data, path, value), None if data is None else hashlib.sha256(data).hexdigest()
+        image = _decode_image({"path": path, "bytes": data} if data is not None else value)
+        return image, None if data is None else hashlib.sha256(data).hexdigest()
 
 
 def _column(ds, name: str):
@@ -97,14 +98,14 @@ def _column(ds, name: str):
     return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
 
 
-def _decode_bytes(data: bytes | None, path: str | None, value: dict | None = None) -> Image.Image:
-    """Decode one encoded image the way datasets' ``Image`` feature does (EXIF orientation applied)."""
+def _decode_image(value: dict) -> Image.Image:
+    """Decode one stored image (``{"path", "bytes"}``) as datasets' ``Image`` feature does (EXIF orientation)."""
     import datasets
 
     try:
-        return datasets.Image().decode_example(value if data is None else {"path": path, "bytes": data})
+        return datasets.Image().decode_example(value)
     except Exception as exc:  # PIL raises several types for broken files
-        raise ValueError(f"Cannot read image {path or '<embedded bytes>'}: {exc}") from exc
+        raise ValueError(f"Cannot read image {value.get('path') or '<embedded bytes>'}: {exc}") from exc
 
 
 def _resolve_inside(root: str, path: str) -> str:
@@ -237,10 +238,10 @@ def _load_imagefolder(root: str, cache_dir: str | None) -> dict:
 
 
 def _open_dataset(dataset: str, cache_dir: str | None = None):
-    """Returns ``(name, root, splits)``: ``splits`` maps split names to ``datasets.Dataset`` objects, or is
-    ``"digits"``; ``root`` is the imagefolder's directory (None for other datasets)."""
+    """Returns ``(name, root, splits)``: ``splits`` maps split names to ``datasets.Dataset`` objects (None for the
+    embedded digits); ``root`` is the imagefolder's directory (None for other datasets)."""
     if dataset == "digits":
-        return "digits", None, "digits"
+        return "digits", None, {"train": None}
     import datasets
 
     if os.path.isdir(dataset):
@@ -281,10 +282,13 @@ def _split_index(name: str, root: str | None, splits: dict, split: str) -> Datas
     if split not in splits:
         raise ValueError(f"Dataset {name} has no split {split!r}; its splits are {sorted(splits)}.")
     ds = splits[split]
+    if ds is None:
+        return _digits_index()
     features = ds.features
-    image_column = next((c for c in IMAGE_COLUMNS if c in features), None)
-    if image_column is None:
-        raise ValueError(f"Dataset {name} has no image column (looked for {', '.join(IMAGE_COLUMNS)}): {list(features)}.")
+    image_columns = [c for c, feature in features.items() if isinstance(feature, datasets.Image)]
+    if not image_columns:
+        raise ValueError(f"Dataset {name} has no column of images (datasets.Image): its columns are {features}.")
+    image_column = next((c for c in IMAGE_COLUMNS if c in image_columns), image_columns[0])
     # Reading labels and captions must not decode images.
     rows = ds.cast_column(image_column, datasets.Image(decode=False))
     label_column = next((c for c in LABEL_COLUMNS if c in features), None)
@@ -294,7 +298,8 @@ def _split_index(name: str, root: str | None, splits: dict, split: str) -> Datas
         class_names = getattr(features[label_column], "names", None)
         if all(isinstance(v, str) for v in values):  # e.g. a label column of metadata.jsonl
             class_names = sorted(set(values))
-            labels = [class_names.index(v) for v in values]
+            number = {c: k for k, c in enumerate(class_names)}
+            labels = [number[v] for v in values]
         else:
             labels = [int(v) for v in values]
             if class_names is None:
@@ -302,7 +307,8 @@ def _split_index(name: str, root: str | None, splits: dict, split: str) -> Datas
     caption_column = next((c for c in CAPTION_COLUMNS if c in features), None)
     captions = None
     if caption_column is not None:
-        captions = ["" if c is None else str(c) for c in _column(rows, caption_column).to_pylist()]  # missing caption: the empty prompt
+        # A row without a caption gets the empty prompt.
+        captions = ["" if c is None else str(c) for c in _column(rows, caption_column).to_pylist()]
     return DatasetIndex(name, split, splits, len(ds), labels, class_names, captions, root=root, rows=rows,
                         image_column=image_column)
 
@@ -315,12 +321,7 @@ def index_dataset(dataset: str, split: str = "train", cache_dir: str | None = No
         split (`str`): the split, e.g. ``"train"``.
         cache_dir (`str`, *optional*): the datasets cache (default: ``HF_DATASETS_CACHE``).
     """
-    name, root, splits = _open_dataset(dataset, cache_dir)
-    if splits == "digits":
-        if split != "train":
-            raise ValueError(f"Dataset digits has no split {split!r}; its splits are ['train'].")
-        return _digits_index()
-    return _split_index(name, root, splits, split)
+    return _split_index(*_open_dataset(dataset, cache_dir), split)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -428,10 +429,10 @@ def images_sha256(images: torch.Tensor) -> str:
     return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
 
 
-def _make_record(index: DatasetIndex, indices, repeats, images, hashes, resolution, channels, **fields) -> dict:
+def _make_record(index, indices, repeats, images, hashes, resolution, channels, role="train", **fields) -> dict:
     record = {
         "format": RECORD_FORMAT,
-        "role": "train",
+        "role": role,
         "dataset": index.name,
         "root": index.root,  # an imagefolder's directory: every file read lies inside it
         "split": index.split,
@@ -562,7 +563,7 @@ def _read_recorded_file(root: str, entry: dict) -> Image.Image:
         raise ValueError(
             f"Training image {path} has changed since the training set was recorded (its sha256 differs): refusing it."
         )
-    return _decode_bytes(data, path)
+    return _decode_image({"path": path, "bytes": data})
 
 
 def load_training_set(path: str, dataset: str | None = None, cache_dir: str | None = None) -> TrainingSet:
@@ -598,7 +599,9 @@ def load_training_set(path: str, dataset: str | None = None, cache_dir: str | No
         images, hashes = _decode(index, indices, resolution, channels)
         changed = [e["source"] for e, sha in zip(entries, hashes) if e.get("sha256") not in (None, sha)]
         if changed:
-            raise ValueError(f"Items of {name} differ from those recorded at {record_path} (sha256): e.g. {changed[:3]}.")
+            raise ValueError(
+                f"Items of {name} differ from those recorded at {record_path} (their sha256): e.g. {changed[:3]}."
+            )
     if images_sha256(images) != record["sha256"]:
         raise ValueError(f"The images of {name} differ from those recorded at {record_path} (sha256 mismatch).")
     return _training_set_from_record(images, record)
@@ -635,11 +638,8 @@ def load_heldout_set(
     record = training_set.record
     name, root, splits = _open_dataset(dataset or record["dataset"], cache_dir)
     train_split = record["split"]
-    if splits == "digits":
-        split, index = "train", _digits_index()
-    else:
-        split = HELDOUT_SPLIT if HELDOUT_SPLIT in splits and train_split != HELDOUT_SPLIT else train_split
-        index = _split_index(name, root, splits, split)
+    split = HELDOUT_SPLIT if HELDOUT_SPLIT in splits and train_split != HELDOUT_SPLIT else train_split
+    index = _split_index(name, root, splits, split)
     if index.root is not None:  # files: the same file is the same image whatever its split
         seen = {e["source"] for e in record["entries"]}
         candidates = [i for i, source in enumerate(index.sources) if source not in seen]
@@ -648,14 +648,13 @@ def load_heldout_set(
         candidates = [i for i in range(len(index)) if i not in seen]
     else:
         candidates = list(range(len(index)))
-    how = (f"the {split!r} split" if split != train_split
-           else f"the items of the {split!r} split that are not in the training set")
+    if split != train_split:
+        how, none_left = f"the {split!r} split", f"its {split!r} split holds only training images"
+    else:
+        how = f"the items of the {split!r} split that are not in the training set"
+        none_left = f"it has no {HELDOUT_SPLIT!r} split and every item of its {split!r} split is in the training set"
     if not candidates:
-        raise ValueError(
-            f"Dataset {index.name} has no held-out image: it has no {HELDOUT_SPLIT!r} split and every item of its "
-            f"{train_split!r} split is in the training set."
-            if split == train_split else f"Dataset {index.name} has no held-out image: {how} holds only training images."
-        )
+        raise ValueError(f"Dataset {index.name} has no held-out image: {none_left}.")
     num_available = len(candidates)
     if num_images is not None:
         if num_images <= 0:
@@ -668,9 +667,8 @@ def load_heldout_set(
         candidates = np.sort(rng.choice(np.asarray(candidates), size=num_images, replace=False)).tolist()
     resolution, channels = record["resolution"], record["channels"]
     images, hashes = _decode(index, candidates, resolution, channels)
+    heldout_from = {"split": split, "how": how, "num_available": num_available,
+                    "training_set_sha256": record.get("sha256")}
     heldout = _make_record(index, candidates, np.ones(len(candidates), int), images, hashes, resolution, channels,
-                           seed=seed, num_heldout_images=num_images,
-                           heldout_from={"split": split, "how": how, "num_available": num_available,
-                                         "training_set_sha256": record.get("sha256")})
-    heldout["role"] = "heldout"
+                           role="heldout", seed=seed, num_heldout_images=num_images, heldout_from=heldout_from)
     return _training_set_from_record(images, heldout)
