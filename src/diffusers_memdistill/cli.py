@@ -24,6 +24,10 @@ SUBCOMMANDS = {
         "diffusers_memdistill.analysis.theory_cli",
         "Reproduce the random-feature analysis of consistency distillation (spectra, leakage, per-mode responses).",
     ),
+    "dmd-toys": (
+        "diffusers_memdistill.analysis.dmd_toys",
+        "Reproduce the low-dimensional DMD copying study (chessboard, moons, Gaussian ring): teacher, DMD student, ΔE, figures.",
+    ),
     "push": (
         "diffusers_memdistill.hub:PushCommand",
         "Upload a saved model with its model card, figures and metrics to the Hugging Face Hub in one commit "
