@@ -692,3 +692,13 @@ class ConsistencyStudentPipeline(SingleFilePipelineMixin, UNetSamplingMixin, Dif
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+
+
+# -------------------- registration for diffusers' check of passed components --------------------
+
+
+import os as _os  # noqa: E402
+import sys as _sys  # noqa: E402
+
+_sys.modules.setdefault(_os.path.splitext(_os.path.basename(__file__))[0], _sys.modules[__name__])

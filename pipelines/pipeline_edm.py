@@ -763,3 +763,13 @@ class EDMPipeline(SingleFilePipelineMixin, UNetSamplingMixin, DiffusionPipeline)
 def _default_steps(scheduler) -> int:
     """The scheduler's default number of steps: its config's `num_inference_steps`, or EDM's 18 for stock ones."""
     return getattr(scheduler.config, "num_inference_steps", None) or 18
+
+
+
+# -------------------- registration for diffusers' check of passed components --------------------
+
+
+import os as _os  # noqa: E402
+import sys as _sys  # noqa: E402
+
+_sys.modules.setdefault(_os.path.splitext(_os.path.basename(__file__))[0], _sys.modules[__name__])

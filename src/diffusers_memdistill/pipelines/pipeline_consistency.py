@@ -7,7 +7,13 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 
 from ..schedulers.scheduling_consistency import ConsistencyStudentScheduler
 from .pipeline_io import SingleFilePipelineMixin
-from .sampling_utils import UNetSamplingMixin, check_generators, postprocess_images, prepare_class_labels, prepare_latents
+from .sampling_utils import (
+    UNetSamplingMixin,
+    check_generators,
+    postprocess_images,
+    prepare_class_labels,
+    prepare_latents,
+)
 
 
 class ConsistencyStudentPipeline(SingleFilePipelineMixin, UNetSamplingMixin, DiffusionPipeline):

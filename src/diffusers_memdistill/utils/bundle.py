@@ -85,7 +85,20 @@ def render(name: str) -> str:
     )
     imports = [f"import {name_}" for name_ in sorted(plain_imports)]
     imports += [f"from {mod} import {', '.join(names)}" for mod, names in sorted(from_imports.items())]
-    return header + "\n" + "\n".join(imports) + "\n\n\n" + "\n\n\n".join(bodies)
+    return header + "\n" + "\n".join(imports) + "\n\n\n" + "\n\n\n".join(bodies + [SINGLE_FILE_FOOTER])
+
+
+# `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True, scheduler=...)` checks a component passed by name
+# against the module that model_index.json names for it (the single file's name), and finds that module only among
+# the imported ones; the single file therefore registers itself under its name when diffusers imports it.
+SINGLE_FILE_FOOTER = f"""# {'-' * 20} registration for diffusers' check of passed components {'-' * 20}
+
+
+import os as _os  # noqa: E402
+import sys as _sys  # noqa: E402
+
+_sys.modules.setdefault(_os.path.splitext(_os.path.basename(__file__))[0], _sys.modules[__name__])
+"""
 
 
 def _defined_names(node):
