@@ -141,8 +141,9 @@ def test_the_package_pipelines_and_the_teachers_pairing_maps(tmp_path):
     images = sample_images(teacher, z, seeded([5, 6, 7]), class_labels=labels)
     direct = teacher(batch_size=3, latents=z, class_labels=labels, generator=seeded([5, 6, 7]), output_type="pt")
     torch.testing.assert_close(images, direct.images)
+    # Another batch size changes the convolution kernels' rounding only (amplified by the churn's 3 levels).
     torch.testing.assert_close(sample_images(teacher, z, seeded([5, 6, 7]), class_labels=labels, batch_size=2), images,
-                               atol=1e-5, rtol=0)
+                               atol=1e-4, rtol=0)
 
     # Phi_K is the deterministic Heun map (whatever the teacher's churn), Phi_1 = D(sigma_max z; sigma_max).
     phi_k, phi_1 = teacher_pairing_maps(teacher, z, torch.tensor(labels), num_steps=4, batch_size=2)
