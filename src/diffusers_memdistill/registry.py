@@ -406,11 +406,14 @@ def _sample_consistency_model(pipe, latents, generators, class_labels=None, prom
 
 def _register_defaults():
     from .pipelines.pipeline_consistency import ConsistencyStudentPipeline
+    from .pipelines.pipeline_dmd import DMDGeneratorPipeline
     from .pipelines.pipeline_edm import EDMPipeline
 
     register_pipeline(EDMPipeline, kind="teacher", sample=_sample_package_pipeline, default_steps=_scheduler_steps,
                       ode_map=_edm_ode_map, one_step_map=_edm_one_step_map)
     register_pipeline(ConsistencyStudentPipeline, kind="student", sample=_sample_package_pipeline,
+                      default_steps=_scheduler_steps)
+    register_pipeline(DMDGeneratorPipeline, kind="generator", sample=_sample_package_pipeline,
                       default_steps=_scheduler_steps)
     register_pipeline("DDPMPipeline", kind="teacher", sample=_sample_ddpm,
                       default_steps=lambda pipe: pipe.scheduler.config.num_train_timesteps)

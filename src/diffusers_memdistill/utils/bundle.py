@@ -33,6 +33,13 @@ BUNDLES = {
         "pipelines/sampling_utils",
         "pipelines/pipeline_consistency",
     ],
+    "pipeline_dmd": [
+        "scalings",
+        "schedulers/scheduling_dmd",
+        "pipelines/pipeline_io",
+        "pipelines/sampling_utils",
+        "pipelines/pipeline_dmd",
+    ],
 }
 
 

@@ -1,0 +1,90 @@
+"""Sampling pipeline for DMD / DMD2 generators of EDM teachers (one step, or a few steps at fixed levels)."""
+
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+
+from ..schedulers.scheduling_dmd import DMDGeneratorScheduler
+from .pipeline_io import SingleFilePipelineMixin
+from .sampling_utils import (
+    UNetSamplingMixin,
+    check_generators,
+    postprocess_images,
+    prepare_class_labels,
+    prepare_latents,
+)
+
+
+class DMDGeneratorPipeline(SingleFilePipelineMixin, UNetSamplingMixin, DiffusionPipeline):
+    r"""Pipeline for DMD generators (Yin et al. 2024a/b): a `UNet2DModel` F in EDM's parameterization, initialised
+    from an EDM teacher and distilled by distribution matching, sampled as G(z) = D_theta(sigma_max z; sigma_max) or,
+    for few-step generators, re-noised at fixed levels between evaluations ([`DMDGeneratorScheduler`]).
+
+    Args:
+        unet (`UNet2DModel`): the generator network F (class-conditional through `num_class_embeds`).
+        scheduler (`DMDGeneratorScheduler`): levels and sigma_data of the generator.
+    """
+
+    single_file_name = "pipeline_dmd"
+    model_cpu_offload_seq = "unet"
+
+    def __init__(self, unet: UNet2DModel, scheduler: DMDGeneratorScheduler):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        class_labels: Optional[Union[int, List[int], torch.Tensor]] = None,
+        num_inference_steps: Optional[int] = None,
+        sigmas: Optional[Sequence[float]] = None,
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+        latents: Optional[torch.Tensor] = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Optional[Callable[[DiffusionPipeline, int, torch.Tensor, Dict], Dict]] = None,
+        callback_on_step_end_tensor_inputs: List[str] = ["latents"],
+    ):
+        r"""Sample images.
+
+        Args:
+            batch_size (`int`): number of images.
+            class_labels (`int`, `List[int]` or `torch.Tensor`, *optional*): labels for a class-conditional UNet;
+                drawn uniformly (per sample, from its generator) when omitted.
+            num_inference_steps (`int`, *optional*): number of generator evaluations; defaults to the scheduler's
+                (the trained number of steps).
+            sigmas (`Sequence[float]`, *optional*): all levels sigma_1 > ... > sigma_m instead of
+                `num_inference_steps`.
+            generator (`torch.Generator` or `List[torch.Generator]`, *optional*): one generator per sample makes each
+                sample independent of the batch it is drawn in; CPU generators work on every device.
+            latents (`torch.Tensor`, *optional*): unit-variance starting noise z of shape (B, C, H, W); the scheduler's
+                `init_noise_sigma` scales it.
+            output_type (`str`): `"pil"`, `"np"`, `"pt"` (NCHW in [0, 1]) or `"latent"` (the final sample in [-1, 1],
+                unclamped, float32).
+            return_dict (`bool`): return an [`ImagePipelineOutput`] or a tuple.
+            callback_on_step_end (`Callable` or `PipelineCallback`, *optional*): called after each generator
+                evaluation as ``callback_on_step_end(pipe, i, t, callback_kwargs)``; the tensors it returns replace
+                the pipeline's. Setting ``pipe._interrupt = True`` skips the remaining steps.
+            callback_on_step_end_tensor_inputs (`List[str]`): the tensors passed in ``callback_kwargs``.
+
+        Returns:
+            [`ImagePipelineOutput`] or a tuple whose first element is the images.
+        """
+        tensor_inputs = self.check_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs,
+                                                   output_type)
+        device = self._execution_device
+        check_generators(generator, batch_size, device)
+        latents = prepare_latents(self.unet, batch_size, latents, generator, device)
+        labels = prepare_class_labels(self.unet, batch_size, class_labels, generator, device)
+        if sigmas is not None:
+            self.scheduler.set_timesteps(device=device, sigmas=sigmas)
+        else:
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+        images = self.denoise(latents, labels, generator, callback_on_step_end, tensor_inputs)
+        images = postprocess_images(images, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
