@@ -22,11 +22,13 @@ import time
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..losses.dmd import DMDLoss, teacher_ode_pairs
 from ..losses.edm import EDMLoss
 from ..metrics.pairing import pairing_inefficiency
 from ..models.denoiser import EDMDenoiser
+from ..training.dmd import check_update_ratio, is_generator_update
 
 DATASETS = ("chessboard", "moons", "ring")
 RESULTS_NAME = "results.json"
@@ -162,7 +164,7 @@ def train_teacher(name: str, settings: dict, sigma_data: float, generator: torch
     opt = torch.optim.Adam(net.parameters(), lr=settings["teacher_lr"])
     steps = settings["teacher_steps"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc=f"teacher ({name})", leave=False, disable=None):
         batch = sample_toy(name, settings["batch_size"], generator)
         loss, _ = loss_fn(denoiser, batch, generator=generator)
         opt.zero_grad(set_to_none=True)
@@ -179,8 +181,7 @@ def distill_student(teacher: ToyMLP, settings: dict, sigma_data: float, generato
 
     Returns the generator network and a history of the mean losses.
     """
-    if fake_updates_per_generator_update < 1:
-        raise ValueError(f"fake_updates_per_generator_update must be >= 1, got {fake_updates_per_generator_update}.")
+    check_update_ratio(fake_updates_per_generator_update)
     gen_net, fake_net = copy_network(teacher).train(), copy_network(teacher).train()
     gen_net.requires_grad_(True)
     fake_net.requires_grad_(True)
@@ -193,9 +194,9 @@ def distill_student(teacher: ToyMLP, settings: dict, sigma_data: float, generato
     sched_f = torch.optim.lr_scheduler.LambdaLR(opt_f, lambda s: _warmup(s, warm))
     history = {"generator_loss": [], "fake_loss": []}
     batch = settings["batch_size"]
-    for step in range(settings["distill_steps"]):
+    for step in tqdm(range(settings["distill_steps"]), desc="DMD student", leave=False, disable=None):
         # Generator update on every ratio-th iteration (two time-scale rule, 003 App. D).
-        if step % fake_updates_per_generator_update == fake_updates_per_generator_update - 1:
+        if is_generator_update(step, fake_updates_per_generator_update):
             z = torch.randn(batch, AMBIENT_DIM, generator=generator)
             loss, _ = loss_fn.generator_loss(gen, real, fake, z, generator=generator)  # D_fake runs without grad
             opt_g.zero_grad(set_to_none=True)
