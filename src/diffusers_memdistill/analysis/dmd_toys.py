@@ -39,12 +39,12 @@ AMBIENT_DIM = 4
 FULL = dict(
     hidden=384,
     layers=5,
-    teacher_steps=4000,
+    teacher_steps=1500,
     teacher_lr=1e-3,
-    distill_steps=3000,
+    distill_steps=1500,
     generator_lr=2e-5,
     fake_lr=1e-4,
-    batch_size=512,
+    batch_size=256,
     num_samples=1000,
     warmup_steps=100,
 )
