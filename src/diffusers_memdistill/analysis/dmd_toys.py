@@ -350,13 +350,14 @@ def resolve_settings(args) -> dict:
 def run(settings: dict, out_dir: str) -> dict:
     start = time.time()
     results = {"settings": {k: v for k, v in settings.items()}, "paper_delta_e": {"chessboard": 8.55}, "datasets": {}}
-    for i, name in enumerate(settings["datasets"]):
-        results["datasets"][name] = run_one(name, settings, out_dir, settings["seed"] + 100 * i)
     results["environment"] = {"torch": torch.__version__, "python": platform.python_version(),
                               "threads": torch.get_num_threads()}
-    results["elapsed_seconds"] = time.time() - start
-    with open(os.path.join(out_dir, RESULTS_NAME), "w") as f:
-        json.dump(results, f, indent=2)
+    for i, name in enumerate(settings["datasets"]):
+        results["datasets"][name] = run_one(name, settings, out_dir, settings["seed"] + 100 * i)
+        results["elapsed_seconds"] = time.time() - start
+        # Written after every toy, so that an interrupted run keeps the finished ones.
+        with open(os.path.join(out_dir, RESULTS_NAME), "w") as f:
+            json.dump(results, f, indent=2)
     return results
 
 
