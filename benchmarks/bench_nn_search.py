@@ -206,7 +206,7 @@ def main(args: argparse.Namespace) -> dict:
         results[name] = row
         peak_text = "n/a" if peak is None else f"{peak / 2**20:,.0f} MiB"
         print(
-            f"{name:>11}: {best:8.3f} s {row['queries_per_s']:12,.0f} queries/s   peak working memory {peak_text:>11}   "
+            f"{name:>11}: {best:8.3f} s {row['queries_per_s']:12,.0f} queries/s   peak working memory {peak_text:>10}  "
             f"neighbours differing from float64: {row['queries_with_other_neighbours']}/{n_check} queries   "
             f"max |distance - float64| {row['max_abs_distance_error']:.2e} "
             f"({row['max_distance_error_in_float32_ulps']:.2f} float32 ulp)"

@@ -188,7 +188,8 @@ def test_adversarial_near_ties_and_duplicates(metric):
     if metric == "l2":
         queries = torch.stack([base, base + 1e-3, base * 1.5, torch.rand(d, generator=g)])
     else:  # at an angle from `base`: similarities to its variants differ at first order
-        queries = torch.stack([base + 1e-2 * torch.randn(d, generator=g), base * 1.5 - 1e-2, torch.rand(d, generator=g)])
+        angled = base + 1e-2 * torch.randn(d, generator=g)
+        queries = torch.stack([angled, base * 1.5 - 1e-2, torch.rand(d, generator=g)])
     k = 12 if metric == "l2" else 36  # inside the cluster of 39 near-tied rows: no certificate possible
     for chunk in (7, 64, None):
         res = knn_search(queries, reference, k=k, metric=metric, reference_chunk_size=chunk)

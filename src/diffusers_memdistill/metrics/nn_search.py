@@ -5,12 +5,13 @@ Method
 The reference set (e.g. 1M training images) is streamed in chunks whose sizes derive from a memory budget: no
 ``num_queries × num_reference`` matrix is ever formed. Three steps:
 
-1. **Candidates from matrix products.** Both sets are shifted by ``c``, the queries' mean rounded to float32
-   (distances are translation invariant; the shift makes the norms, hence the error bound below, small). For
+1. **Candidates from matrix products.** Both sets are shifted by ``c``, the queries' float32 mean (distances are
+   translation invariant, any ``c`` would do; this one makes the norms, hence the error bound below, small). For
    ``metric="l2"`` the score ``s(q, r) = ‖r̂‖² − 2 q̂·r̂`` (that is ``‖q̂ − r̂‖² − ‖q̂‖²``) of a block of queries
    and a chunk of the reference is one float32 ``addmm``; for ``metric="cosine"`` it is ``−q̂·r̂`` of float32
    unit vectors. ``torch.topk`` keeps the ``m`` smallest scores of each query, merged chunk after chunk. Everything
-   stays on the device; the loop never waits for the host.
+   stays on the device and the loop never waits for the host (but to copy the chunks of a reference kept on the
+   CPU); the host reads one flag after the pass and one mask after the certificate.
 2. **Exact re-ranking.** The candidates' squared distances are recomputed from the differences ``q − r`` in
    float64 (cosine: from float64 unit vectors) and sorted by (value, index), so ties go to the lower reference
    index and the reported float32 distance is the float64 value rounded once: correctly rounded but for values
@@ -23,7 +24,8 @@ Why the certificate is rigorous (``metric="l2"``)
 -------------------------------------------------
 Let ``u = 2⁻²⁴``, ``D`` the row length, ``a = q − c`` and ``b = r − c`` (exact), ``q̂ = fl(a)``, ``r̂ = fl(b)``
 (one float32 rounding per entry, so ``‖q̂ − a‖ ≤ u₁‖a‖`` with ``u₁ = 1.01 (u + 2u₆₄)``), ``A = ‖q̂‖``,
-``B = ‖r̂‖`` and ``R ≥ max_r ‖r̂‖`` (both from float64 sums). The float32 kernels compute:
+``B = ‖r̂‖`` (A from a float64 sum) and ``R ≥ max_r ‖r̂‖`` (the largest ρ below, enlarged by θ). The float32
+kernels compute:
 
 * ``ρ(r) = fl(‖r̂‖²)`` from float32 partial norms of at most 128 entries summed in float64:
   ``|ρ − B²| ≤ θ B²`` with ``θ = 1.01 (128 + 4) u``;
@@ -31,16 +33,18 @@ Let ``u = 2⁻²⁴``, ``D`` the row length, ``a = q − c`` and ``b = r − c``
   summation order, blocking or FMA use of the BLAS (TF32 and reduced-precision products are switched off);
 * ``s̃ = fl(ρ − 2 p̃)`` (the factor −2 is applied to the queries, exactly): ``|s̃ − (ρ − 2p̃)| ≤ u |ρ − 2p̃|``.
 
-So ``|s̃ − t| ≤ E(A, B) = θB² + 2γ_D AB + u((1 + θ)B² + 2(1 + γ_D)AB)`` (plus a float64 slack for evaluating all
-this), where ``t = ‖q̂ − r̂‖² − A²``. E grows with B, so ``E_q = E(A, R)`` bounds the error for every reference.
-A reference left out of the ``m`` candidates has ``s̃(r) ≥ s̃_m``, the largest kept score (``topk`` and the merges
-only ever drop a value when ``m`` kept values are no larger), hence ``‖q̂ − r̂‖² ≥ G = s̃_m + A² − E_q`` and, as
+So ``|s̃ − t| ≤ E(A, B) = θB² + 2γ_D AB + u((1 + θ)B² + 2(1 + γ_D)AB)`` (plus slacks for the float64 evaluation of
+all this and for gradual underflow, which the relative model misses), where ``t = ‖q̂ − r̂‖² − A²``. E grows
+with B, so ``E_q = E(A, R)`` bounds the error for every reference. A reference left out of the ``m`` candidates has
+``s̃(r) ≥ s̃_m``, the largest kept score (``topk`` and the merges only ever drop a value when ``m`` kept values are
+no larger), hence ``‖q̂ − r̂‖² ≥ G = s̃_m + A² − E_q`` and, as
 ``‖(q̂ − r̂) − (a − b)‖ ≤ u₁(‖a‖ + ‖b‖)``, its true distance is at least ``ℓ_q = √max(G, 0) − u₁(A + R)/(1 − u₁)``.
 The recomputed squared distances ``d̂`` are within ``ξ = 1.01 (D + 4) u₆₄`` (relative) of the true ones (float64
 differences and squares, a float64 sum of non-negative terms). So when ``d̂_k < (1 − ξ) ℓ_q²``, every reference
 outside the candidates has a recomputed distance strictly above the ``k``-th candidate's: the candidates' top ``k``
 by (d̂, index) is the global one, ties and near-ties included. Queries failing this test are the only ones searched
-again.
+again. Rows whose float32 squares overflow make the pass raise its non-finite flag; when a rescan finds no NaN or
+infinity in the reference, every query goes to the float64 pass instead.
 
 Cosine: with ``n(x) = x / max(‖x‖, 1e-12)`` (``F.normalize``), the float32 unit vectors carry
 ``‖q̂ − n(q)‖ ≤ u₁ = 1.01 (u + (D + 4) u₆₄)``, so the computed score is within
@@ -49,12 +53,14 @@ and the test reads ``κ̂_k < s̃_m − E − ξ`` with ``κ̂`` the recomputed 
 
 The float64 pass
 ----------------
-For the uncertified queries the reference is streamed again and scored by float64 matrix products (the same
-bounds with ``u₆₄ = 2⁻⁵³`` for ``u``, per pair, about 10⁻⁹ times tighter). Every reference whose lower bound on
-``d̂`` does not exceed the running ``k``-th recomputed value (initially the certificate's ``d̂_k``, an upper
-bound of the final one) has its distance recomputed exactly and merged by (d̂, index). No reference that could
-belong to the answer is skipped, so the result is exact whatever the ties; its cost is that of the candidates
-pass plus the exact distances of the references inside the band (a handful, unless there are many exact ties).
+For the uncertified queries (in batches sized to the budget) the reference is streamed again and scored by
+float64 matrix products: the same bounds with ``u₆₄ = 2⁻⁵³`` for ``u`` and each reference's own norm for ``R``,
+about 10⁻⁹ times tighter. Every reference whose lower bound on ``d̂`` does not exceed the running ``k``-th
+recomputed value has its distance recomputed exactly and merged by (d̂, index). That value starts at the
+candidates' ``d̂_k`` enlarged by ``2ξ`` (two evaluations of one distance differ by at most ``2ξ``), an upper bound of
+the final one as this pass recomputes it, and only decreases. No reference that could belong to the answer is
+skipped, so the result is exact whatever the ties; the cost is that of the candidates pass in float64 plus the
+exact distances of the references inside the band (a handful, unless there are many exact ties).
 
 Exact recomputations are always evaluated in blocks of one fixed shape (padded), so that a pair's value does not
 depend on how the pairs happened to be batched (device reductions may order sums by shape): bitwise-equal
@@ -106,8 +112,8 @@ class KNNResult:
         num_refined (`int`):
             Queries whose float32 candidates could not be certified and were searched again in float64.
         num_exhaustive (`int`):
-            Of those, queries whose float64 search had to recompute more than ``num_candidates`` distances (exact
-            ties or near-ties at the ``k``-th neighbour).
+            Of those, queries whose float64 search recomputed more than ``num_candidates`` distances: ties or
+            near-ties at the ``k``-th neighbour, or float32 candidates far from the answer.
     """
 
     values: torch.Tensor
@@ -248,11 +254,14 @@ def _certify_cosine(k_k, s_m, dim: int) -> torch.Tensor:
     return k_k < s_m - bound - _recompute_error(dim, "cosine")
 
 
-def _split_budget(budget: int, row_bytes: int, score_bytes: int, num_queries: int, num_rows: int, q_cap, r_cap):
-    """Query and reference chunk sizes with ``rc·row_bytes + qc·rc·score_bytes ≤ budget`` (≥ 1 row each)."""
+def _split_budget(
+    budget: int, row_bytes: int, score_bytes: int, num_queries: int, num_rows: int, q_cap, r_cap, query_bytes: int = 0
+):
+    """Query and reference chunk sizes with ``qc·query_bytes + rc·row_bytes + qc·rc·score_bytes ≤ budget`` (at least
+    one row each)."""
     qc = max(1, min(num_queries, q_cap))
     while True:
-        rc = max(1, min(num_rows, r_cap, budget // (row_bytes + score_bytes * qc)))
+        rc = max(1, min(num_rows, r_cap, (budget - qc * query_bytes) // (row_bytes + score_bytes * qc)))
         if qc == 1 or rc >= min(num_rows, qc):  # keep the blocks roughly square when the budget is tight
             return qc, rc
         qc = (qc + 1) // 2
@@ -419,7 +428,7 @@ def _float64_pass(q_rows, q_sel, reference, metric, k, center, upper, budget, pa
     dim = q_rows.shape[1]
     qc, rc = _split_budget(
         budget, dim * 24, _FALLBACK_SCORE_BYTES, q_sel.shape[0], reference.shape[0], _DEFAULT_QUERY_CHUNK,
-        reference.shape[0],
+        reference.shape[0], query_bytes=dim * 32,  # float64 copies of the batch's queries
     )
     parts = [
         _float64_batch(q_rows[q_sel[s : s + qc]], reference, metric, k, center, upper[s : s + qc], rc, pair_block,
@@ -515,7 +524,9 @@ def knn_search(
     out_device = q_all.device
 
     finite = torch.isfinite(q_all).all(1).to(device)
-    q_rows = q_all.to(device)[finite]  # original dtype, for the exact recomputation
+    q_rows = q_all.to(device)  # original dtype, for the exact recomputation
+    if not finite.all():
+        q_rows = q_rows[finite]
     nq_all, nq = q_all.shape[0], q_rows.shape[0]
     values = torch.full((nq_all, k), math.nan, dtype=torch.float32, device=device)
     indices = torch.full((nq_all, k), -1, dtype=torch.long, device=device)
@@ -529,10 +540,11 @@ def knn_search(
     )
 
     with _ieee_fp32_matmul():
+        rows = max(1, budget // (24 * dim))  # queries prepared in blocks: no float64 copy of all of them
         if metric == "l2":
-            center = q_rows.to(torch.float64).mean(0).to(torch.float32)
+            center = (q_rows if q_rows.dtype == torch.float32 else q_rows.to(torch.float32)).mean(0)  # any c will do
             q_hat = _centered_f32(q_rows, center)
-            a_sq = q_hat.to(torch.float64).square().sum(1)
+            a_sq = torch.cat([b.to(torch.float64).square_().sum(1) for b in q_hat.split(rows)])  # ‖q̂‖², float64
             q_mat = q_hat.mul_(-2.0)  # exact: the product then yields −2 q̂·r̂
 
             def prepare(r):
@@ -542,7 +554,7 @@ def knn_search(
 
         else:
             center = None
-            q_mat = _unit64(q_rows).neg_().to(torch.float32)
+            q_mat = torch.cat([_unit64(b).neg_().to(torch.float32) for b in q_rows.split(rows)])
 
             def prepare(r):
                 r64 = r.to(torch.float64)
