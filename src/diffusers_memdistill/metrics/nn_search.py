@@ -43,8 +43,8 @@ The recomputed squared distances ``d̂`` are within ``ξ = 1.01 (D + 4) u₆₄`
 differences and squares, a float64 sum of non-negative terms). So when ``d̂_k < (1 − ξ) ℓ_q²``, every reference
 outside the candidates has a recomputed distance strictly above the ``k``-th candidate's: the candidates' top ``k``
 by (d̂, index) is the global one, ties and near-ties included. Queries failing this test are the only ones searched
-again. Rows whose float32 squares overflow make the pass raise its non-finite flag; when a rescan finds no NaN or
-infinity in the reference, every query goes to the float64 pass instead.
+again. Rows whose float32 squares overflow make ``R`` infinite, like NaN or infinite rows; when a
+rescan finds no NaN or infinity in the reference, every query goes to the float64 pass instead.
 
 Cosine: with ``n(x) = x / max(‖x‖, 1e-12)`` (``F.normalize``), the float32 unit vectors carry
 ``‖q̂ − n(q)‖ ≤ u₁ = 1.01 (u + (D + 4) u₆₄)``, so the computed score is within
@@ -310,7 +310,7 @@ def _exact_keys(q_rows, q_index, reference, r_index, metric: str, block: int, de
         q = q_rows[qi]
         r = _gather_rows(reference, ri, device)
         if metric == "l2":
-            key = (q.to(torch.float64) - r.to(torch.float64)).square_().sum(1)
+            key = torch.sub(q.to(torch.float64), r).square_().sum(1)  # r is promoted exactly
         else:
             key = (_unit64(q) * _unit64(r)).sum(1).neg_()
         out[s : s + used] = key[:used]
@@ -326,18 +326,16 @@ def _sort_by_key_then_index(keys: torch.Tensor, indices: torch.Tensor):
 
 
 def _candidate_pass(q_mat, reference, prepare, m: int, plan: _ChunkPlan, device, progress: bool):
-    """m smallest float32 scores per query (unsorted), their indices, the largest reference statistic returned by
-    `prepare` (max ‖r̂‖² for L2) and a device flag for non-finite reference rows."""
+    """m smallest float32 scores per query (unsorted), their indices, and the largest reference statistic returned by
+    `prepare` (max ‖r̂‖² for L2), NaN or infinite when a reference row is."""
     nq, nr = q_mat.shape[0], reference.shape[0]
     best_v = torch.full((nq, m), math.inf, device=device)
     best_i = torch.zeros((nq, m), dtype=torch.long, device=device)
     stat = torch.zeros((), dtype=torch.float64, device=device)
-    bad = torch.zeros((), dtype=torch.bool, device=device)
     qc, rc = plan.query_chunk, plan.reference_chunk
     for start in tqdm(range(0, nr, rc), desc="knn candidates", disable=not progress, leave=False):
         r_mat, bias, row_stat = prepare(_rows(reference, start, start + rc, device))
-        bad |= ~torch.isfinite(row_stat).all()
-        stat = torch.maximum(stat, row_stat.max())
+        stat = torch.maximum(stat, row_stat.max())  # both propagate NaN
         take = min(m, r_mat.shape[0])
         for qs in range(0, nq, qc):
             q = q_mat[qs : qs + qc]
@@ -347,7 +345,7 @@ def _candidate_pass(q_mat, reference, prepare, m: int, plan: _ChunkPlan, device,
             i = torch.cat([best_i[qs : qs + qc], pos + start], 1)
             v, pos = torch.topk(v, m, dim=1, largest=False, sorted=False)
             best_v[qs : qs + qc], best_i[qs : qs + qc] = v, i.gather(1, pos)
-    return best_v, best_i, stat, bad
+    return best_v, best_i, stat
 
 
 def _first_bad_row(reference: torch.Tensor, chunk: int) -> int | None:
@@ -561,9 +559,9 @@ def knn_search(
                 norm = torch.linalg.vector_norm(r64, dim=1)
                 return (r64 / norm[:, None].clamp_min(_NORMALIZE_EPS)).to(torch.float32), None, norm
 
-        cand_v, cand_i, stat, bad = _candidate_pass(q_mat, reference, prepare, m, plan, device, progress)
+        cand_v, cand_i, stat = _candidate_pass(q_mat, reference, prepare, m, plan, device, progress)
         del q_mat
-        overflow = bool(bad)  # the one host synchronisation of the candidates pass
+        overflow = not bool(torch.isfinite(stat))  # the one host synchronisation of the candidates pass
         if overflow:
             row = _first_bad_row(reference, plan.reference_chunk)
             if row is not None:
