@@ -239,14 +239,14 @@ class _LargestAllocation(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("metric", ["l2", "cosine"])
-def test_memory_budget_bounds_every_allocation(metric):
+@pytest.mark.parametrize("metric, dtype", [("l2", torch.float32), ("cosine", torch.float32), ("l2", torch.float64)])
+def test_memory_budget_bounds_every_allocation(metric, dtype):
     # 12 queries × 1500 references: the full score matrix (72 KB) and the reference (96 KB) are far above the
     # 8 KB budget; no allocation of the search (candidates, exact recomputation, float64 pass) may exceed it.
     g = torch.Generator().manual_seed(13)
-    reference = torch.rand(1500, 16, generator=g)
+    reference = torch.rand(1500, 16, generator=g, dtype=dtype)
     reference[100:110] = reference[5]  # 11 tied copies: the float64 pass runs too
-    queries = torch.rand(12, 16, generator=g)
+    queries = torch.rand(12, 16, generator=g, dtype=dtype)
     queries[0] = reference[5]
     budget = 8 * 1024
     with _LargestAllocation() as tracker:
@@ -262,11 +262,11 @@ def test_chunk_plan_for_a_million_training_images():
     from diffusers_memdistill.metrics.nn_search import _PAIR_BYTES, _SCORE_BYTES, _plan_chunks
 
     budget, dim = 2**30, 3 * 32 * 32
-    plan = _plan_chunks(5000, 1_000_000, dim, 8, "l2", budget, reference_itemsize=4)
+    plan = _plan_chunks(5000, 1_000_000, dim, 8, "l2", budget, torch.float32)
     working = plan.reference_chunk * dim * (4 + 4) + plan.query_chunk * plan.reference_chunk * _SCORE_BYTES
     assert working <= budget and plan.pair_block * _PAIR_BYTES["l2"] * dim <= budget
     assert plan.query_chunk == 5000 and 8192 <= plan.reference_chunk < 1_000_000  # large products, never N × M
-    tiny = _plan_chunks(5000, 1_000_000, dim, 8, "cosine", 2**20, reference_itemsize=8)
+    tiny = _plan_chunks(5000, 1_000_000, dim, 8, "cosine", 2**20, torch.float64)
     assert tiny.reference_chunk * dim * (8 + 20) + tiny.query_chunk * tiny.reference_chunk * _SCORE_BYTES <= 2**20
 
 

@@ -15,7 +15,8 @@ The reference set (e.g. 1M training images) is streamed in chunks whose sizes de
 2. **Exact re-ranking.** The candidates' squared distances are recomputed from the differences ``q − r`` in
    float64 (cosine: from float64 unit vectors) and sorted by (value, index), so ties go to the lower reference
    index and the reported float32 distance is the float64 value rounded once: correctly rounded but for values
-   within ~1e-13 (relative) of a rounding boundary.
+   within ~D·1e-16 (relative) of a rounding boundary (for inputs exact in float64: any float dtype, integers
+   below 2⁵³).
 3. **Certificate.** A forward error bound of step 1 proves, for most queries, that no reference outside the ``m``
    candidates can come before the ``k``-th one. Queries it cannot certify are searched again by the float64
    threshold pass below, which is exact by construction.
@@ -274,16 +275,21 @@ def _plan_chunks(
     num_candidates: int,
     metric: str,
     memory_budget: int,
-    reference_itemsize: int = 4,
+    reference_dtype: torch.dtype = torch.float32,
     query_chunk_size: int | None = None,
     reference_chunk_size: int | None = None,
     max_refine_elements: int | None = None,
 ) -> _ChunkPlan:
     """Chunk sizes of the candidates pass and of the exact recomputation, derived from `memory_budget` (bytes)."""
-    extra = 4 if metric == "l2" else 20  # float32 rows (+ two float64 temporaries for the unit vectors)
+    # Per reference element: the device copy, then float32 rows (through float64 temporaries for the unit vectors
+    # and for dtypes not exact in float32).
+    if metric == "cosine":
+        extra = 20
+    else:
+        extra = 4 if reference_dtype == torch.float32 else 8 if reference_dtype in _FLOAT32_EXACT else 20
     qc, rc = _split_budget(
         memory_budget,
-        dim * (reference_itemsize + extra),
+        dim * (reference_dtype.itemsize + extra),
         _SCORE_BYTES,
         num_queries,
         num_reference,
@@ -533,8 +539,7 @@ def knn_search(
     if max_refine_elements is None and device.type == "cpu":
         max_refine_elements = _CPU_PAIR_BLOCK * dim
     plan = _plan_chunks(
-        nq, nr, dim, m, metric, budget, reference.element_size(),
-        query_chunk_size, reference_chunk_size, max_refine_elements,
+        nq, nr, dim, m, metric, budget, reference.dtype, query_chunk_size, reference_chunk_size, max_refine_elements
     )
 
     with _ieee_fp32_matmul():
