@@ -12,8 +12,9 @@ The reference set (e.g. 1M training images) is streamed in chunks whose sizes de
    unit vectors. ``torch.topk`` keeps the ``m`` smallest scores of each query, merged chunk after chunk. Everything
    stays on the device and the loop never waits for the host (but to copy the chunks of a reference kept on the
    CPU); the host reads one flag after the pass and one mask after the certificate.
-2. **Exact re-ranking.** The candidates' squared distances are recomputed from the differences ``q − r`` in
-   float64 (cosine: from float64 unit vectors) and sorted by (value, index), so ties go to the lower reference
+2. **Exact re-ranking.** The candidates' distances are recomputed from the differences ``q − r`` in float64
+   (differences, squares, sum and square root fused in ``cdist`` without its matrix-product expansion; cosine: from
+   float64 unit vectors) and sorted by (value, index), so ties go to the lower reference
    index and the reported float32 distance is the float64 value rounded once: correctly rounded but for values
    within ~D·1e-16 (relative) of a rounding boundary (for inputs exact in float64: any float dtype, integers
    below 2⁵³).
@@ -40,12 +41,12 @@ with B, so ``E_q = E(A, R)`` bounds the error for every reference. A reference l
 ``s̃(r) ≥ s̃_m``, the largest kept score (``topk`` and the merges only ever drop a value when ``m`` kept values are
 no larger), hence ``‖q̂ − r̂‖² ≥ G = s̃_m + A² − E_q`` and, as
 ``‖(q̂ − r̂) − (a − b)‖ ≤ u₁(‖a‖ + ‖b‖)``, its true distance is at least ``ℓ_q = √max(G, 0) − u₁(A + R)/(1 − u₁)``.
-The recomputed squared distances ``d̂`` are within ``ξ = 1.01 (D + 4) u₆₄`` (relative) of the true ones (float64
-differences and squares, a float64 sum of non-negative terms). So when ``d̂_k < (1 − ξ) ℓ_q²``, every reference
-outside the candidates has a recomputed distance strictly above the ``k``-th candidate's: the candidates' top ``k``
-by (d̂, index) is the global one, ties and near-ties included. Queries failing this test are the only ones searched
-again. Rows whose float32 squares overflow make ``R`` infinite, like NaN or infinite rows; when a
-rescan finds no NaN or infinity in the reference, every query goes to the float64 pass instead.
+The recomputed distances ``d̂`` are within ``ξ = 1.01 (D + 4) u₆₄`` (relative) of the true ones (float64
+differences and squares, a float64 sum of non-negative terms, a square root). So when ``d̂_k < (1 − ξ) ℓ_q``, every
+reference outside the candidates has a recomputed distance strictly above the ``k``-th candidate's: the candidates'
+top ``k`` by (d̂, index) is the global one, ties and near-ties included. Queries failing this test are the only ones
+searched again. Rows whose float32 squares overflow make ``R`` infinite, like NaN or infinite rows; when a rescan
+finds no NaN or infinity in the reference, every query goes to the float64 pass instead.
 
 Cosine: with ``n(x) = x / max(‖x‖, 1e-12)`` (``F.normalize``), the float32 unit vectors carry
 ``‖q̂ − n(q)‖ ≤ u₁ = 1.01 (u + (D + 4) u₆₄)``, so the computed score is within
@@ -220,7 +221,7 @@ def _l2_error_coefficients(dim: int, u: float, theta: float) -> tuple[float, flo
 
 
 def _recompute_error(dim: int, metric: str) -> float:
-    """ξ: relative (L2) or absolute (cosine) error of a recomputed key (module docstring)."""
+    """ξ: relative error of a recomputed distance (L2), absolute error of a recomputed similarity (cosine)."""
     return 1.01 * ((dim + 4) if metric == "l2" else (2 * dim + 8)) * _U64
 
 
@@ -231,9 +232,9 @@ def _underflow_slack(dim: int, smallest: float) -> float:
 
 
 def _certify_l2(d_k, s_m, a_sq, r_max_sq, dim: int) -> torch.Tensor:
-    """True where no non-candidate can precede the k-th candidate: ``d̂_k < (1 − ξ) ℓ_q²`` (module docstring).
+    """True where no non-candidate can precede the k-th candidate: ``d̂_k < (1 − ξ) ℓ_q`` (module docstring).
 
-    `d_k`: recomputed k-th squared distances; `s_m`: largest kept float32 scores; `a_sq`: ‖q̂‖²; `r_max_sq`: the
+    `d_k`: recomputed k-th distances; `s_m`: largest kept float32 scores; `a_sq`: ‖q̂‖²; `r_max_sq`: the
     largest float64 ‖r̂‖² of the pass.
     """
     u1 = 1.01 * (_U32 + 2 * _U64)
@@ -245,7 +246,7 @@ def _certify_l2(d_k, s_m, a_sq, r_max_sq, dim: int) -> torch.Tensor:
     err = c_bb * r_max.square() + c_ab * a_norm * r_max + c_aa * a_sq + _underflow_slack(dim, 2.0**-149)
     rho = u1 / (1 - u1) * (a_norm + r_max) * (1 + 1e-6) + 2 * math.sqrt(dim) * 2.0**-149
     low = (s_m + a_sq - err).clamp_min(0).sqrt() - rho
-    return (low > 0) & (d_k < (1 - _recompute_error(dim, "l2")) * low.square())
+    return d_k < (1 - _recompute_error(dim, "l2")) * low
 
 
 def _certify_cosine(k_k, s_m, dim: int) -> torch.Tensor:
@@ -303,11 +304,13 @@ def _plan_chunks(
 
 
 def _keys(q: torch.Tensor, r: torch.Tensor, metric: str) -> torch.Tensor:
-    """Recomputed keys, float64: squared L2 distance from float64 differences, or negated cosine similarity of float64
-    unit vectors, reduced over the last dimension (`q` broadcasts against `r`)."""
+    """Recomputed keys of query rows `q` (B, D) and their references `r` (B, m, D), (B, m) float64: the L2 distance
+    from float64 differences (``cdist`` without the matrix-product expansion: differences, squares and their sum in
+    one kernel), or the negated cosine similarity of float64 unit vectors."""
     if metric == "l2":
-        return torch.sub(q.to(torch.float64), r).square_().sum(-1)  # r is promoted exactly
-    return (_unit64(q) * _unit64(r)).sum(-1).neg_()
+        q, r = q.to(torch.float64)[:, None, :], r.to(torch.float64)
+        return torch.cdist(q, r, compute_mode="donot_use_mm_for_euclid_dist")[:, 0, :]
+    return (_unit64(q)[:, None, :] * _unit64(r)).sum(-1).neg_()
 
 
 def _candidate_keys(q_rows, cand_i, reference, metric: str, block: int, device) -> torch.Tensor:
@@ -322,7 +325,7 @@ def _candidate_keys(q_rows, cand_i, reference, metric: str, block: int, device) 
             q = torch.cat([q, q.new_zeros(block - used, q.shape[1])])
             idx = torch.cat([idx, idx.new_zeros(block - used, m)])
         r = _gather_rows(reference, idx.reshape(-1), device).view(block, m, -1)
-        out[s : s + used] = _keys(q[:, None, :], r, metric)[:used]
+        out[s : s + used] = _keys(q, r, metric)[:used]
     return out
 
 
@@ -336,7 +339,7 @@ def _pair_keys(q_rows, q_index, reference, r_index, metric: str, block: int, dev
         if used < block:
             pad = torch.zeros(block - used, dtype=torch.long, device=qi.device)
             qi, ri = torch.cat([qi, pad]), torch.cat([ri, pad])
-        out[s : s + used] = _keys(q_rows[qi], _gather_rows(reference, ri, device), metric)[:used]
+        out[s : s + used] = _keys(q_rows[qi], _gather_rows(reference, ri, device)[:, None, :], metric)[:used, 0]
     return out
 
 
@@ -412,14 +415,14 @@ def _float64_batch(q, reference, metric, k, center, upper, rc, pair_block, devic
             b = r.to(torch.float64) - center.to(torch.float64)
             b_sq = b.square().sum(1)
             b_norm = b_sq.sqrt()
-            low = torch.addmm(b_sq[None, :], q_mat, b.T)  # t = ‖b‖² − 2 a·b, then in place: lower bound of d̂
+            low = torch.addmm(b_sq[None, :], q_mat, b.T)  # t = ‖b‖² − 2 a·b, then in place: a lower bound of d̂
             low += q_term[:, None]
             low -= (c_bb * b_sq)[None, :]
             low.addr_(a_norm, b_norm, alpha=-c_ab)
             low.clamp_min_(0).sqrt_()
             low -= (rho * a_norm + 2 * math.sqrt(dim) * 2.0**-1074)[:, None]
             low -= (rho * b_norm)[None, :]
-            low.clamp_min_(0).square_().mul_(1 - xi)
+            low.clamp_min_(0).mul_(1 - xi)
         else:
             low = q_mat @ _unit64(r).T
             low -= cos_bound
@@ -625,7 +628,7 @@ def knn_search(
             best_v[todo], best_i[todo] = v2, i2
             num_exhaustive = int((evaluated > m).sum())
 
-    values[finite] = (best_v.sqrt() if metric == "l2" else best_v.neg()).to(torch.float32)
+    values[finite] = (best_v if metric == "l2" else best_v.neg()).to(torch.float32)
     indices[finite] = best_i
     return KNNResult(values.to(out_device), indices.to(out_device), metric, num_refined, num_exhaustive)
 
