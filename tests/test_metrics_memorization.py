@@ -109,9 +109,9 @@ def test_sscd_similarity_statistics():
 def test_uint8_samples_are_converted_and_minus_one_to_one_is_refused(train_images):
     # Before: [-1, 1] samples against [0, 1] training images scored 0% memorized without a word.
     copies = train_images[:4]
-    with pytest.raises(ValueError, match=r"expected images in \[0, 1\].*\(x \+ 1\) / 2"):
+    with pytest.raises(ValueError, match=r"pixel memorization metrics \(`samples`\) take float images in \[0, 1\].*\(x \+ 1\) / 2"):
         pixel_memorization(copies * 2 - 1, train_images)
-    with pytest.raises(ValueError, match="divide by 255"):
+    with pytest.raises(ValueError, match="divided by 255"):
         pixel_memorization(copies * 255, train_images)
     with pytest.raises(TypeError, match="uint8 or floating point"):
         pixel_memorization(copies.long(), train_images)

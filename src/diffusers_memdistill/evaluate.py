@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import build_training_set, load_training_set
+from .data import build_training_set, load_heldout_set, load_training_set
 
 METRICS = ("l2", "sscd", "fid", "fd_pixel", "clip", "pairing")
 DEFAULT_METRICS = "l2,sscd,fid,fd_pixel,pairing"
@@ -544,21 +544,26 @@ def _save_teacher_targets(path, phi_k, phi_1, teacher_name):
 
 
 def _heldout_sets(train_sets: dict, num_images: int, seed: int, floor: bool):
-    """Held-out real images of each training set's distribution, as many as the samples (fewer if fewer exist)."""
-    from .data import load_heldout_set
-
+    """Held-out real images of each training set's distribution ([`load_heldout_set`]): as many as the samples, or
+    all there are when fewer; a note instead where the data holds none."""
     heldout, entries, notes = {}, {}, {}
     if not floor:
         return heldout, entries, {tid: "not requested (--no_floor)" for tid in train_sets}
     for tid, ts in train_sets.items():
-        held = load_heldout_set(ts, num_images=num_images, seed=seed)
-        if len(held) == 0:
-            notes[tid] = (f"no held-out images: {ts.record.get('dataset')} has no test split and the training set "
-                          "holds every image of its split")
-            continue
+        try:
+            held = load_heldout_set(ts, num_images=num_images, seed=seed)
+        except ValueError:
+            # Fewer held-out images than samples (checked before anything is decoded): take them all. Where there
+            # are none, this raises again, and its message is the note.
+            try:
+                held = load_heldout_set(ts, num_images=None, seed=seed)
+            except ValueError as exc:
+                notes[tid] = str(exc).rstrip(".")
+                continue
         heldout[tid] = held
         entries[tid] = {"sha256": held.record.get("sha256"), "num_images": len(held), "seed": seed,
-                        "dataset": held.record.get("dataset"), "split": held.record.get("split")}
+                        "dataset": held.record.get("dataset"), "split": held.record.get("split"),
+                        "how": held.record["heldout_from"]["how"]}
     return heldout, entries, notes
 
 
@@ -596,7 +601,7 @@ def _measure_and_write(inputs: EvaluationInputs, output_dir: str, settings: dict
         }
     for tid, held in inputs.heldout.items():
         results["floor"][tid] = {k: manifest["heldout_sets"][tid][k]
-                                 for k in ("dataset", "split", "num_images", "sha256", "seed")}
+                                 for k in ("dataset", "split", "how", "num_images", "sha256", "seed")}
     for r in runs:
         s = inputs.samples[r["name"]]
         nan = ~torch.isfinite(s).flatten(1).all(1)
@@ -983,13 +988,14 @@ def render_report(results: dict) -> str:
     for name, m in results["models"].items():
         lines.append(row(name, m, str(m["num_nan_samples"])))
     for tid, f in results["floor"].items():
-        label = f"*floor: {f['num_images']} held-out real images ({f.get('dataset')}, {f.get('split')}) vs {tid}*"
+        label = f"*floor: {f['num_images']} held-out real images of {f.get('dataset')} vs {tid}*"
         lines.append(row(label, f, "–"))
     lines.append("")
     if results["floor"]:
         lines.append("The floor rows score real images of the same distribution that no model was trained on, in "
                      "the same way: what the criteria flag without any memorization at this resolution. A model's "
-                     "memorized fraction means something only above its floor.")
+                     "memorized fraction means something only above its floor. Held-out images: "
+                     + "; ".join(f"{tid}: {f['how']} (seed {f['seed']})" for tid, f in results["floor"].items()) + ".")
     for tid, note in results["floor_notes"].items():
         lines.append(f"No floor row for {tid}: {note}.")
     lines.append("")

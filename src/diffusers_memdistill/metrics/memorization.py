@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ._images import check_image_range
 from .nn_search import knn_search, unique_rows
 
 
@@ -108,10 +109,6 @@ def _resolve_groups(sample_groups, train_groups, nn_index, num_samples, num_trai
     return _labels_of_neighbours(train_groups, nn_index, num_train)
 
 
-# Values this far outside [0, 1] are not rounding error of a [0, 1] image.
-_RANGE_TOLERANCE = 1e-3
-
-
 def as_unit_range_images(images: torch.Tensor, name: str = "images") -> torch.Tensor:
     r"""
     Images on the [0, 1] scale the pixel metrics compare: uint8 is divided by 255, float is checked.
@@ -129,12 +126,7 @@ def as_unit_range_images(images: torch.Tensor, name: str = "images") -> torch.Te
         return images.float() / 255.0
     if not images.is_floating_point():
         raise TypeError(f"`{name}` must be uint8 or floating point in [0, 1], got {images.dtype}.")
-    finite = images[torch.isfinite(images)]
-    if finite.numel():
-        low, high = float(finite.min()), float(finite.max())
-        if low < -_RANGE_TOLERANCE or high > 1 + _RANGE_TOLERANCE:
-            hint = " Map [-1, 1] images with (x + 1) / 2." if low < 0 else " Pass uint8 or divide by 255."
-            raise ValueError(f"`{name}` has values in [{low:.4g}, {high:.4g}]; expected images in [0, 1].{hint}")
+    check_image_range(images, consumer=f"The pixel memorization metrics (`{name}`)")
     return images
 
 
