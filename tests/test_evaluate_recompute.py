@@ -51,7 +51,8 @@ def teacher_and_student(tmp_path_factory):
     ConsistencyStudentPipeline(tiny_unet(seed=1), ConsistencyStudentScheduler()).save_pretrained(root / "student")
     for name in ("teacher", "student"):
         training_set.save(root / name)
-    (root / "student" / "training_config.json").write_text(json.dumps({"loss": "lpips", "lpips_sha256": "ab" * 32}))
+    lpips = {"backbone": "ab" * 32, "head": "cd" * 32}
+    (root / "student" / "training_config.json").write_text(json.dumps({"loss": "lpips", "lpips_sha256": lpips}))
     return root / "teacher", root / "student"
 
 
@@ -93,10 +94,11 @@ def test_samples_are_saved_and_every_number_is_recomputed_exactly(teacher_and_st
     # The weights behind the numbers.
     sha = results["weights"]["sscd"]["sha256"]
     assert len(sha) == 64 and results["weights"]["sscd"]["backend"] == "torchscript"
-    assert results["weights"]["lpips"]["sha256"] == {"student (1-step)": "ab" * 32, "student (2-step)": "ab" * 32}
+    lpips = {"backbone": "ab" * 32, "head": "cd" * 32}
+    assert results["weights"]["lpips"]["sha256"] == {"student (1-step)": lpips, "student (2-step)": lpips}
     report = (out / "report.md").read_text()
     assert sha in report and "SSCD `dcr` Mem / p95" in report and "*floor: 24 held-out real images" in report
-    assert "fewer than 2,048" in report and "--from_samples" in report
+    assert "fewer than 2,048" in report and "--from_samples" in report and "head `" + "cd" * 32 in report
 
     # Recomputed without the models (moved away), through the command line: every number equal.
     teacher.rename(teacher.with_name("teacher_moved"))
@@ -175,8 +177,11 @@ def test_nan_samples_give_a_strict_report_and_duplicates_are_listed(teacher_and_
     assert dup["pairs"][0]["i"] == 3 and dup["pairs"][0]["j"] == 7 and dup["pairs"][0]["score"] == 0
     assert dup["pairs"][0]["source_i"].endswith("03.png") and dup["pairs"][0]["source_j"].endswith("07.png")
     assert "03.png" in report and "07.png" in report and "Near-duplicates in the training sets" in report
-    assert saved["floor"] == {} and "No floor row for train0" in report
+    assert saved["floor"] == {} and "No floor row for train0" in report and "has no held-out image" in report
     assert (out / "figures" / "near_duplicates_train0_l2.png").is_file()
+    # NaN samples and an imagefolder training set survive the round trip through the saved samples.
+    _, differences = compare_results(saved, evaluate_from_samples(str(out), device="cpu"))
+    assert differences == []
 
 
 def test_only_missing_weights_are_not_computed(teacher_and_student, tmp_path, monkeypatch):

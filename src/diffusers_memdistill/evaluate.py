@@ -1057,8 +1057,11 @@ def render_report(results: dict) -> str:
         lines.append(f"- FID Inception-v3 ({w['backend']}): `{w['weights_path']}`, sha256 `{w['sha256']}`")
     if "lpips" in weights:
         for name, sha in weights["lpips"]["sha256"].items():
-            lines.append(f"- LPIPS (training loss of {name}): sha256 "
-                         + (f"`{sha}`" if sha else "not recorded in its training_config.json"))
+            if isinstance(sha, dict):  # one hash per file (backbone, head)
+                sha = ", ".join(f"{role} `{h}`" for role, h in sha.items())
+            elif sha:
+                sha = f"`{sha}`"
+            lines.append(f"- LPIPS (training loss of {name}): sha256 {sha or 'not recorded in its training_config.json'}")
     lines += ["", "## Figures", ""]
     figures = ["l2_ratio_histogram.png"] if "l2" in results["metrics"] else []
     if "sscd" in weights:
@@ -1106,13 +1109,21 @@ _SAMPLING_ONLY = ("num_samples", "seed", "batch_size", "student_steps", "teacher
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
-        "Sample saved models from shared per-sample noise and measure quality (FID, pixel FD) and memorization "
-        "(L2 nearest-neighbour ratio, SSCD similarity), with a floor row of held-out real images, the training "
-        "set's near-duplicates and the pairing of students with their teacher. The 8-bit samples are saved in "
-        "OUTPUT_DIR/samples and every number is computed from them: --from_samples OUTPUT_DIR recomputes "
-        "metrics.json exactly without the models. Writes metrics.json (strict JSON), report.md and figures/."
+        "Sample saved models from shared per-sample noise and measure quality (FID, pixel FD) and memorization\n"
+        "(L2 nearest-neighbour ratio, SSCD similarity), beside a floor row of held-out real images, the training\n"
+        "set's near-duplicates and the pairing of students with their teacher. The 8-bit samples are saved in\n"
+        "OUTPUT_DIR/samples and every number is computed from them, so that --from_samples OUTPUT_DIR recomputes\n"
+        "metrics.json exactly without the models. Writes metrics.json (strict JSON), report.md and figures/.\n"
+        "See docs/evaluation.md."
     )
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.epilog = (
+        "examples:\n"
+        "  memdistill evaluate --model out/teacher --model out/student --student_steps 1,2 --output_dir out/eval\n"
+        "  memdistill evaluate --from_samples out/eval      # recompute into out/eval/recomputed and compare\n"
+        "  memdistill evaluate --from_samples out/eval --metrics sscd --sscd_preprocessing sscd,dcr \\\n"
+        "      --output_dir out/eval_dcr                    # the same samples under both SSCD preprocessings"
+    )
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", action="append", dest="models", metavar="DIR",
                         help="A saved teacher (EDMPipeline) or student (ConsistencyStudentPipeline) folder; repeat "
