@@ -204,8 +204,6 @@ def save_samples(path: str, samples: torch.Tensor, seed: int, class_labels: torc
                  metadata: dict | None = None) -> torch.Tensor:
     """Write samples as uint8 (safetensors: ``images``, ``nonfinite``, ``sample_index``, ``seeds`` (N, 3) of the
     three streams, optional ``class_labels``); returns the float samples as the metrics will read them back."""
-    from safetensors.torch import save_file
-
     images, nonfinite = quantize_samples(samples)
     index = torch.arange(samples.shape[0])
     seeds = torch.stack([stream_seeds(seed, index.tolist(), s) for s in
@@ -216,10 +214,18 @@ def save_samples(path: str, samples: torch.Tensor, seed: int, class_labels: torc
         tensors["class_labels"] = class_labels.long().contiguous()
     meta = {"format": SAMPLES_FORMAT, "seed": str(seed), "noise": NOISE_SCHEME,
             **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file(tensors, path + ".tmp", metadata=meta)
-    os.replace(path + ".tmp", path)
+    _write_safetensors(path, tensors, meta)
     return dequantize_samples(images, nonfinite)
+
+
+def _write_safetensors(path: str, tensors: dict, metadata: dict) -> None:
+    """Atomic write; through ``open`` so that the file gets the usual permissions (save_file makes it private)."""
+    from safetensors.torch import save
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        f.write(save(tensors, metadata=metadata))
+    os.replace(path + ".tmp", path)
 
 
 def load_samples(path: str, key: str = "images") -> torch.Tensor:
@@ -531,15 +537,12 @@ def _noise_description(seed: int) -> dict:
 
 
 def _save_teacher_targets(path, phi_k, phi_1, teacher_name):
-    from safetensors.torch import save_file
-
     tensors = {}
     for key, value in (("phi_k", phi_k), ("phi_1", phi_1)):
         images, nonfinite = quantize_samples(value)
         tensors[key], tensors[f"{key}_nonfinite"] = images.contiguous(), nonfinite.to(torch.uint8)
-    save_file(tensors, path + ".tmp", metadata={"format": SAMPLES_FORMAT, "teacher": teacher_name,
-                                                "teacher_steps": str(PAIRING_TEACHER_STEPS)})
-    os.replace(path + ".tmp", path)
+    _write_safetensors(path, tensors, {"format": SAMPLES_FORMAT, "teacher": teacher_name,
+                                       "teacher_steps": str(PAIRING_TEACHER_STEPS)})
     return tuple(dequantize_samples(tensors[k], tensors[f"{k}_nonfinite"]) for k in ("phi_k", "phi_1"))
 
 
