@@ -253,9 +253,10 @@ def finite_samples(samples: torch.Tensor) -> torch.Tensor:
 def pixel_frechet_distance(samples: torch.Tensor, train: torch.Tensor) -> float:
     """Fréchet distance between Gaussians fitted to raw pixels: an always-available quality proxy, not FID.
 
-    Computed over the finite samples only."""
-    from .metrics import fid_from_features
+    Computed over the finite samples only; images in [0, 1] or uint8 (see [`as_unit_range_images`])."""
+    from .metrics import as_unit_range_images, fid_from_features
 
+    samples, train = as_unit_range_images(samples, "samples"), as_unit_range_images(train, "train")
     return float(fid_from_features(finite_samples(samples).flatten(1).double(), train.flatten(1).double()))
 
 
@@ -339,7 +340,7 @@ def evaluate(
             ts = build_training_set(train_data, res, channels=pipeline.unet.config.in_channels)
         else:
             ts = load_training_set(path)
-        key = (ts.record.get("sha256"), len(ts))
+        key = (ts.record["sha256"], len(ts))
         if key not in set_ids:
             set_ids[key] = f"train{len(set_ids)}"
             train_sets[set_ids[key]] = ts
@@ -398,7 +399,7 @@ def evaluate(
     manifest_sets = {}
     for tid, ts in train_sets.items():
         ts.save(os.path.join(samples_dir, "training_sets", tid))
-        manifest_sets[tid] = {"record": f"training_sets/{tid}/training_set.json", "sha256": ts.record.get("sha256"),
+        manifest_sets[tid] = {"record": f"training_sets/{tid}/training_set.json", "sha256": ts.record["sha256"],
                               "num_images": len(ts)}
     heldout, heldout_entries, floor_notes = _heldout_sets(train_sets, num_samples, seed, settings["floor"])
     for tid, held in heldout.items():
@@ -483,14 +484,14 @@ def evaluate_from_samples(
     train_sets = {}
     for tid, entry in manifest["training_sets"].items():
         ts = load_training_set(os.path.join(folder, entry["record"]))
-        if ts.record.get("sha256") != entry["sha256"]:
+        if ts.record["sha256"] != entry["sha256"]:
             raise ValueError(f"Training set {tid} rebuilt from {entry['record']} differs from the one evaluated.")
         train_sets[tid] = ts
     heldout, heldout_entries, floor_notes = _heldout_sets(train_sets, manifest["num_samples"], manifest["seed"],
                                                           settings["floor"])
     for tid, held in heldout.items():
         saved = manifest["heldout_sets"].get(tid)
-        if saved is not None and saved["sha256"] != held.record.get("sha256"):
+        if saved is not None and saved["sha256"] != held.record["sha256"]:
             raise ValueError(f"The held-out set of {tid} rebuilt now differs from the one recorded in {manifest_path}.")
     manifest = {**manifest, "heldout_sets": heldout_entries, "floor_notes": floor_notes}
     targets = None
@@ -527,9 +528,11 @@ def _settings(metrics, sscd_preprocessing, sscd_threshold, floor, sscd_weights, 
         raise ValueError(f"--sscd_preprocessing must name one or both of {sorted(SSCD_PREPROCESSINGS)}, got {preps}.")
     if not 0 < float(sscd_threshold) < 1:
         raise ValueError(f"--sscd_threshold must lie in (0, 1), got {sscd_threshold}.")
+    # Local files by absolute path, so that --from_samples finds them from any working directory.
+    local = lambda p: os.path.abspath(p) if p is not None and os.path.exists(p) else p  # noqa: E731
     return {"metrics": list(metrics), "sscd_preprocessing": list(preps), "sscd_threshold": float(sscd_threshold),
-            "l2_threshold": L2_THRESHOLD, "floor": bool(floor), "sscd_weights": sscd_weights, "sscd_onnx": sscd_onnx,
-            "inception_weights": inception_weights, "cache_dir": cache_dir}
+            "l2_threshold": L2_THRESHOLD, "floor": bool(floor), "sscd_weights": local(sscd_weights),
+            "sscd_onnx": local(sscd_onnx), "inception_weights": local(inception_weights), "cache_dir": local(cache_dir)}
 
 
 def _noise_description(seed: int) -> dict:
@@ -564,8 +567,8 @@ def _heldout_sets(train_sets: dict, num_images: int, seed: int, floor: bool):
                 notes[tid] = str(exc).rstrip(".")
                 continue
         heldout[tid] = held
-        entries[tid] = {"sha256": held.record.get("sha256"), "num_images": len(held), "seed": seed,
-                        "dataset": held.record.get("dataset"), "split": held.record.get("split"),
+        entries[tid] = {"sha256": held.record["sha256"], "num_images": len(held), "seed": seed,
+                        "dataset": held.record["dataset"], "split": held.record["split"],
                         "how": held.record["heldout_from"]["how"]}
     return heldout, entries, notes
 
@@ -598,8 +601,8 @@ def _measure_and_write(inputs: EvaluationInputs, output_dir: str, settings: dict
     runs = manifest["runs"]
     for tid, ts in inputs.train_sets.items():
         results["training_sets"][tid] = {
-            "dataset": ts.record.get("dataset"), "split": ts.record.get("split"), "num_images": len(ts),
-            "sha256": ts.record.get("sha256"), "models": [r["name"] for r in runs if r["training_set"] == tid],
+            "dataset": ts.record["dataset"], "split": ts.record["split"], "num_images": len(ts),
+            "sha256": ts.record["sha256"], "models": [r["name"] for r in runs if r["training_set"] == tid],
             "near_duplicates": {},
         }
     for tid, held in inputs.heldout.items():
