@@ -115,69 +115,34 @@ class ModelRun:
     name: str
     path: str
     pipeline: object
-    kind: str  # "teacher" (EDM) or "student" (consistency)
+    kind: str  # the registration's: "teacher", "student" or "generator"
     steps: int | None
-
-
-def pipeline_class_of(path: str):
-    """The package pipeline class named by a saved folder's ``model_index.json``."""
-    index_path = os.path.join(path, "model_index.json")
-    if not os.path.isfile(index_path):
-        raise FileNotFoundError(f"{path} is not a saved model folder (no model_index.json).")
-    with open(index_path, encoding="utf-8") as f:
-        name = json.load(f)["_class_name"]
-    name = name[1] if isinstance(name, list) else name
-    if name == "EDMPipeline":
-        from .pipelines.pipeline_edm import EDMPipeline
-
-        return EDMPipeline, "teacher"
-    if name == "ConsistencyStudentPipeline":
-        from .pipelines.pipeline_consistency import ConsistencyStudentPipeline
-
-        return ConsistencyStudentPipeline, "student"
-    raise ValueError(f"{path} holds a {name}; memdistill evaluate knows EDMPipeline and ConsistencyStudentPipeline.")
 
 
 @torch.no_grad()
 def generate(run: ModelRun, noise: torch.Tensor, labels, batch_size: int, device, seed: int = 0) -> torch.Tensor:
     """Samples in [0, 1], NCHW float32, on the CPU; NaNs are kept (and reported later).
 
-    Row i starts from ``noise[i]`` and takes its injected noise from stream 1 of sample i."""
+    Row i starts from ``noise[i]`` and takes the noise its sampler injects from stream 1 of sample i; the pipeline is
+    sampled through its registration ([`~diffusers_memdistill.registry.sample_images`])."""
+    from .registry import sample_images
+
     pipe = run.pipeline.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    out = []
-    for start in tqdm(range(0, noise.shape[0], batch_size), desc=f"Sampling {run.name}", leave=False):
-        chunk = noise[start : start + batch_size].to(device)
-        kwargs = {} if run.steps is None else {"num_inference_steps": run.steps}
-        if labels is not None:
-            kwargs["class_labels"] = labels[start : start + batch_size].tolist()
-        # CPU generators: the pipelines draw on the CPU and move the noise to `device` (diffusers' randn_tensor).
-        generators = stream_generators(seed, range(start, start + chunk.shape[0]), STREAM_INJECTED_NOISE)
-        out.append(pipe(batch_size=chunk.shape[0], latents=chunk, generator=generators, output_type="pt",
-                        **kwargs).images.float().cpu())
-    return torch.cat(out)
+    # CPU generators: the pipelines draw on the CPU and move the noise to `device` (diffusers' randn_tensor).
+    generators = stream_generators(seed, range(noise.shape[0]), STREAM_INJECTED_NOISE)
+    return sample_images(pipe, noise, generators, class_labels=labels, num_inference_steps=run.steps,
+                         batch_size=batch_size).float().cpu()
 
 
 @torch.no_grad()
-def teacher_pairing_targets(pipeline, noise, labels, batch_size, device, teacher_steps: int = PAIRING_TEACHER_STEPS,
-                            seed: int = 0):
-    """Phi_K(z) (K-step Heun ODE map, 003 uses K = 8) and Phi_1(z) = D(sigma_max z; sigma_max), in [0, 1]."""
-    from .models.denoiser import EDMDenoiser
+def teacher_pairing_targets(pipeline, noise, labels, batch_size, device, teacher_steps: int = PAIRING_TEACHER_STEPS):
+    """Phi_K(z) (the deterministic K-step ODE map, 003 uses K = 8) and Phi_1(z) = D(sigma_max z; sigma_max), in [0, 1],
+    from the teacher's registration ([`~diffusers_memdistill.registry.teacher_pairing_maps`])."""
+    from .registry import teacher_pairing_maps
 
-    pipe = pipeline.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    denoiser = EDMDenoiser(pipe.unet, pipe.scheduler.config.sigma_data)
-    sigma_max = pipe.scheduler.config.sigma_max
-    multi, single = [], []
-    for start in range(0, noise.shape[0], batch_size):
-        z = noise[start : start + batch_size].to(device)
-        lab = None if labels is None else labels[start : start + batch_size].to(device)
-        generators = stream_generators(seed, range(start, start + z.shape[0]), STREAM_INJECTED_NOISE)
-        multi.append(pipe(batch_size=z.shape[0], latents=z, num_inference_steps=teacher_steps, output_type="pt",
-                          generator=generators, class_labels=None if lab is None else lab.tolist()
-                          ).images.float().cpu())
-        single.append(((denoiser(z * sigma_max, sigma_max, lab).float().cpu() + 1) / 2).clamp(0, 1))
-    return torch.cat(multi), torch.cat(single)
+    phi_k, phi_1 = teacher_pairing_maps(pipeline.to(device), noise, labels, num_steps=teacher_steps,
+                                        batch_size=batch_size)
+    return phi_k.float().cpu(), phi_1.float().cpu()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -293,7 +258,8 @@ def evaluate(
     Sample and measure every model; write the 8-bit samples, ``metrics.json``, ``report.md`` and figures.
 
     Args:
-        model_paths (`list[str]`): saved teacher (``EDMPipeline``) or student (``ConsistencyStudentPipeline``) folders.
+        model_paths (`list[str]`): saved folders of pipelines registered in ``diffusers_memdistill.registry`` (teachers
+            such as ``EDMPipeline``, students such as ``ConsistencyStudentPipeline``, one-step generators).
         output_dir (`str`): where ``samples/``, ``metrics.json``, ``report.md`` and ``figures/`` go.
         num_samples (`int`, defaults to 1000): samples per model, sample i from the noise streams of index i.
         metrics (`tuple[str]`): a subset of ``METRICS``.
@@ -330,14 +296,16 @@ def evaluate(
     os.makedirs(samples_dir, exist_ok=True)
 
     # 1. Models and their training sets (one id per distinct set of images).
-    runs, run_sets, train_sets, set_ids, configs = [], {}, {}, {}, {}
+    from .registry import load_pipeline
+
+    runs, run_sets, train_sets, set_ids, configs, registrations = [], {}, {}, {}, {}, {}
     for k, path in enumerate(model_paths):
-        cls, kind = pipeline_class_of(path)
-        pipeline = cls.from_pretrained(path)
+        pipeline, registration = load_pipeline(path)
+        kind = registration.kind
         base = names[k] if names else os.path.basename(os.path.normpath(path))
         if train_data is not None:
-            res = pipeline.unet.config.sample_size
-            ts = build_training_set(train_data, res, channels=pipeline.unet.config.in_channels)
+            image_channels, image_size, _ = registration.image_shape(pipeline)
+            ts = build_training_set(train_data, image_size, channels=image_channels)
         else:
             ts = load_training_set(path)
         key = (ts.record["sha256"], len(ts))
@@ -345,33 +313,37 @@ def evaluate(
             set_ids[key] = f"train{len(set_ids)}"
             train_sets[set_ids[key]] = ts
         configs[path] = _training_config(path)
-        new = ([ModelRun(f"{base} ({steps}-step)", path, pipeline, kind, steps) for steps in student_steps]
-               if kind == "student" else [ModelRun(base, path, pipeline, kind, teacher_steps)])
+        if kind == "student":
+            new = [ModelRun(f"{base} ({steps}-step)", path, pipeline, kind, steps) for steps in student_steps]
+        else:
+            new = [ModelRun(base, path, pipeline, kind, teacher_steps if kind == "teacher" else None)]
         for r in new:
             run_sets[r.name] = set_ids[key]
+            registrations[r.name] = registration
         runs += new
     run_names = [r.name for r in runs]
     if len(set(run_names)) != len(run_names) or len({_slug(n) for n in run_names}) != len(run_names):
         raise ValueError(f"Two models share a report name ({run_names}); pass distinct names.")
-    shapes = {(r.pipeline.unet.config.in_channels, r.pipeline.unet.config.sample_size) for r in runs}
-    if len(shapes) != 1:
-        raise ValueError(f"All models must produce images of one shape to share noise; got {sorted(shapes)}.")
-    channels, resolution = shapes.pop()
+    noise_shapes = {tuple(registrations[r.name].noise_shape(r.pipeline)) for r in runs}
+    if len(noise_shapes) != 1:
+        raise ValueError(f"All models must sample from noise of one shape to share it; got {sorted(noise_shapes)}.")
+    noise_shape = noise_shapes.pop()
     for r in runs:
+        image_shape = tuple(registrations[r.name].image_shape(r.pipeline))
         ts = train_sets[run_sets[r.name]]
-        if tuple(ts.images.shape[1:]) != (channels, resolution, resolution):
+        if tuple(ts.images.shape[1:]) != image_shape:
             raise ValueError(
-                f"{r.path} generates {channels}x{resolution}x{resolution} images but its training set has "
+                f"{r.path} generates {'x'.join(map(str, image_shape))} images but its training set has "
                 f"{'x'.join(map(str, ts.images.shape[1:]))}: resolution/channels differ."
             )
-    num_classes = max(r.pipeline.unet.config.num_class_embeds or 0 for r in runs)
+    num_classes = max(registrations[r.name].num_classes(r.pipeline) for r in runs)
 
     # 2. Shared noise and labels; the 8-bit samples of every model, written before any metric runs.
-    noise = shared_noise(num_samples, (channels, resolution, resolution), seed)
+    noise = shared_noise(num_samples, noise_shape, seed)
     labels = shared_labels(num_samples, num_classes, seed)
     samples, manifest_runs = {}, []
     for r in tqdm(runs, desc="Models"):
-        conditional = bool(r.pipeline.unet.config.num_class_embeds)
+        conditional = bool(registrations[r.name].num_classes(r.pipeline))
         run_labels = labels if conditional else None
         raw = generate(r, noise, run_labels, batch_size, device, seed)
         file = f"{_slug(r.name)}.safetensors"
@@ -383,14 +355,14 @@ def evaluate(
                               "training_config": configs[r.path]})
 
     # 3. What else only a model can give: the teacher's pairing targets.
-    teachers = [r for r in runs if r.kind == "teacher"]
-    students = [r for r in runs if r.kind == "student"]
+    teachers = [r for r in runs if r.kind == "teacher" and registrations[r.name].has_pairing_maps]
+    students = [r for r in runs if r.kind in ("student", "generator")]
     targets, targets_entry = None, None
     if "pairing" in settings["metrics"] and teachers and students:
         teacher = teachers[0]
-        cond = labels if teacher.pipeline.unet.config.num_class_embeds else None
+        cond = labels if registrations[teacher.name].num_classes(teacher.pipeline) else None
         phi_k, phi_1 = teacher_pairing_targets(teacher.pipeline, noise, cond, batch_size, device,
-                                               PAIRING_TEACHER_STEPS, seed)
+                                               PAIRING_TEACHER_STEPS)
         targets = _save_teacher_targets(os.path.join(samples_dir, TEACHER_TARGETS_FILE), phi_k, phi_1, teacher.name)
         targets_entry = {"file": TEACHER_TARGETS_FILE, "teacher": teacher.name, "teacher_steps": PAIRING_TEACHER_STEPS,
                          "training_set": run_sets[teacher.name]}
@@ -406,7 +378,7 @@ def evaluate(
         held.save(os.path.join(samples_dir, "heldout_sets", tid))
         heldout_entries[tid]["record"] = f"heldout_sets/{tid}/training_set.json"
     manifest = {
-        "format": 1, "seed": seed, "num_samples": num_samples, "shape": [channels, resolution, resolution],
+        "format": 1, "seed": seed, "num_samples": num_samples, "noise_shape": list(noise_shape),
         "num_classes": num_classes, "noise": _noise_description(seed), "runs": manifest_runs,
         "training_sets": manifest_sets, "heldout_sets": heldout_entries, "floor_notes": floor_notes,
         "teacher_targets": targets_entry,
@@ -832,14 +804,14 @@ def _pairing(ctx: _Context):
 
     entry = ctx.inputs.manifest["teacher_targets"]
     if entry is None or ctx.inputs.targets is None:
-        ctx.results["errors"]["pairing"] = ("pairing needs an EDM teacher and at least one consistency student "
-                                            "among the models.")
+        ctx.results["errors"]["pairing"] = ("pairing needs a teacher with an ODE map (e.g. an EDMPipeline) and at "
+                                            "least one student or one-step generator among the models.")
         return
     phi_k, phi_1 = ctx.inputs.targets
     train = ctx.train(entry["training_set"]).flatten(1)
     finite_targets = torch.isfinite(phi_k).flatten(1).all(1) & torch.isfinite(phi_1).flatten(1).all(1)
     for r in ctx.inputs.manifest["runs"]:
-        if r["kind"] != "student":
+        if r["kind"] not in ("student", "generator"):
             continue
         g = ctx.inputs.samples[r["name"]]
         # The pairing is undefined with NaN outputs: it is measured over the noises where all three are finite.
@@ -1132,8 +1104,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", action="append", dest="models", metavar="DIR",
-                        help="A saved teacher (EDMPipeline) or student (ConsistencyStudentPipeline) folder; repeat "
-                             "for several models. Samples them and saves the samples.")
+                        help="A saved pipeline folder of a class registered for evaluation (a teacher such as "
+                             "EDMPipeline, a student such as ConsistencyStudentPipeline, a one-step generator); "
+                             "repeat for several models. Samples them and saves the samples.")
     source.add_argument("--from_samples", metavar="DIR", default=None,
                         help="The output folder of an earlier evaluation: recompute every metric from its saved "
                              "samples, without loading any model, and compare with its metrics.json.")
