@@ -1180,6 +1180,8 @@ def main(args) -> int:
                 print("\n".join(f"  {d}" for d in differences[:20]) + ("\n  ..." if len(differences) > 20 else ""))
             else:
                 print(f"All {equal} numbers equal those of {original_path}.")
+        else:
+            print(f"No {original_path} to compare with (the evaluation stopped before writing it).")
         print(f"Wrote {os.path.join(output_dir, 'report.md')} and metrics.json.")
         return 0
     if args.output_dir is None:
