@@ -479,15 +479,15 @@ class TrainingRunner:
             self._append_history({"event": "diverged", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                   "what": what, "weights_step": weights_step, "set_aside": aside})
         acc.wait_for_everyone()
-        good = [(s, p) for s, p in list_checkpoints(self.output_dir) if s < weights_step or not set_aside]
-        kept = (f"the last good checkpoint is {good[-1][1]}" if good
-                else "no checkpoint from before the blow-up is left")
+        good = [(s, p) for s, p in list_checkpoints(self.output_dir) if s < weights_step]
         aside_note = (f" checkpoint-{weights_step} was written after the blow-up and is set aside as {aside};"
                       if aside else "")
+        remedy = "a lower --learning_rate (or a longer --lr_warmup_steps, a --max_grad_norm)"
+        advice = (f"the last good checkpoint is {good[-1][1]}: resume from it with --resume_from_checkpoint "
+                  f"{good[-1][1]} and {remedy}." if good else
+                  f"no checkpoint from before the blow-up is left: start again with {remedy}.")
         return TrainingDivergedError(
-            f"{what}: the run diverged, so training stops and no model is saved;{aside_note} {kept}. Resume from it "
-            "with --resume_from_checkpoint latest and a lower --learning_rate (or a longer --lr_warmup_steps, a "
-            "--max_grad_norm)."
+            f"{what}: the run diverged, so training stops and no model is saved;{aside_note} {advice}"
         )
 
     # ------------------------------------------------------------ training
