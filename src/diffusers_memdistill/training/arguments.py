@@ -157,6 +157,15 @@ def validate_training_args(parser: argparse.ArgumentParser, args, protected_path
         parser.error("--overwrite_output_dir deletes the run that --resume_from_checkpoint continues: pass one.")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         parser.error(f"--output_dir {args.output_dir} is a file, not a folder.")
-    for path in protected_paths:
-        if path and os.path.isdir(path) and _overlap(args.output_dir, path):
-            parser.error(f"--output_dir {args.output_dir} is, holds or lies inside {path}, an input of this run.")
+    try:
+        refuse_overlap(args.output_dir, protected_paths)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def refuse_overlap(output_dir: str, inputs) -> None:
+    """Raise `ValueError` if ``output_dir`` is, holds or lies inside one of the local folders ``inputs`` (the run's
+    teacher and data): overwriting or pruning the output would then destroy them."""
+    for path in inputs:
+        if path and os.path.isdir(path) and _overlap(output_dir, path):
+            raise ValueError(f"--output_dir {output_dir} is, holds or lies inside {path}, an input of this run.")

@@ -25,7 +25,7 @@ from ..losses.consistency import LPIPS_NETS, WEIGHTINGS, ConsistencyDistillation
 from ..models.denoiser import ConsistencyDenoiser, EDMDenoiser
 from ..pipelines.pipeline_consistency import ConsistencyStudentPipeline
 from ..schedulers.scheduling_consistency import ConsistencyStudentScheduler
-from .arguments import add_training_args, validate_training_args
+from .arguments import add_training_args, refuse_overlap, validate_training_args
 from .distillation import build_student_unet, file_sha256, load_edm_teacher, resolve_pretrained
 from .ema import ModelEMA
 from .runner import Average, Phase, TrainingPlan, TrainingRunner, build_optimizer
@@ -148,6 +148,7 @@ def main(args) -> int:
     with runner.main_process_first():
         folder = resolve_pretrained(args.pretrained_model_name_or_path, args.revision, args.variant)
         teacher_pipeline, training_set = load_edm_teacher(folder, args.teacher_dataset, variant=args.variant)
+    refuse_overlap(args.output_dir, [folder, training_set.record.get("dataset")])  # where the teacher data lies
     weights = "diffusion_pytorch_model" + (f".{args.variant}" if args.variant else "") + ".safetensors"
     teacher_sha256 = file_sha256(os.path.join(folder, "unet", weights))
     lpips = build_lpips_distance(args.lpips_net) if args.loss == "lpips" else None

@@ -300,7 +300,8 @@ def _model_config(module) -> dict:
 
 
 def _all_finite(tensors) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True  # one device sync
 
 
 class TrainingRunner:
@@ -615,7 +616,7 @@ class TrainingRunner:
         step_nets = {**step_models, **{n: a.ema.module for n, a in plan.averages.items()}, **plan.frozen}
         plain_nets = {**{n: acc.unwrap_model(m) for n, m in models.items()},
                       **{n: a.ema.module for n, a in plan.averages.items()}, **plan.frozen}
-        watched = [*plain_nets.values()][: len(models) + len(plan.averages)]  # trained networks and averages
+        watched = [*(plain_nets[n] for n in models), *(a.ema.module for a in plan.averages.values())]
         followers = {name: [a.ema for a in plan.averages.values() if a.source == name] for name in plan.models}
         last_loss = {}
 
@@ -629,8 +630,10 @@ class TrainingRunner:
         try:
             batches = iter(loader)
             prune_pending = self.resume_path is not None
+            upcoming = None
             for step in range(first_step, args.max_train_steps):
-                micro = [on_device(next(batches)) for _ in range(accumulation)]
+                micro = upcoming or [on_device(next(batches)) for _ in range(accumulation)]
+                upcoming = None
                 # 6. Every due phase: accumulate over the micro-batches, check the loss, clip, step, average.
                 for index, phase in enumerate(plan.phases):
                     if step % phase.every:
@@ -649,6 +652,9 @@ class TrainingRunner:
                             finite &= torch.isfinite(loss.detach())
                             total += loss.detach() / accumulation
                             acc.backward(loss)
+                    if upcoming is None and step + 1 < args.max_train_steps:
+                        # Gather the next step's batches while the device still works on this one.
+                        upcoming = [on_device(next(batches)) for _ in range(accumulation)]
                     # Every process stops together (a lone stop would hang the others in the next all-reduce).
                     if not bool(acc.gather(finite.reshape(1)).all()):
                         raise self._diverged(step, f"Non-finite {phase.name} loss at step {step + 1}", set_aside=True)
@@ -658,9 +664,8 @@ class TrainingRunner:
                         torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                    plain = acc.unwrap_model(model)
                     for ema in followers[phase.model]:
-                        ema.update(plain)
+                        ema.update(plain_nets[phase.model])
                     run_state.updates[phase.name] = run_state.updates.get(phase.name, 0) + 1
                     last_loss[phase.name] = total
                 for scheduler in schedulers.values():
