@@ -402,3 +402,26 @@ def test_overwrite_checks_every_input_before_deleting(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         main(args)
     assert (out / "model_index.json").exists() and (out / "unet").is_dir()
+
+
+def test_the_student_records_the_lpips_weights_it_was_trained_with(tmp_path):
+    from conftest import tiny_unet
+    from diffusers_memdistill.pipelines.pipeline_edm import EDMPipeline
+    from diffusers_memdistill.schedulers.scheduling_edm_heun import EDMHeunScheduler
+    from diffusers_memdistill.training.distill_consistency import build_plan, parse_args
+
+    class FakeLPIPS(torch.nn.Module):
+        weights_sha256 = {"vgg16": "a" * 64, "lpips_vgg": "b" * 64}
+
+        def forward(self, a, b):
+            return (a - b).abs().flatten(1).mean(1)
+
+    args = parse_args(["--teacher", str(tmp_path / "teacher"), "--output_dir", str(tmp_path / "out"),
+                       "--max_train_steps", "1", "--loss", "lpips"])
+    teacher = EDMPipeline(tiny_unet(resolution=4), EDMHeunScheduler())
+    plan = build_plan(args, teacher, toy_set(), "c" * 64, lpips=FakeLPIPS())
+    assert plan.config == {"teacher_sha256": "c" * 64, "lpips_sha256": FakeLPIPS.weights_sha256}
+    assert plan.fingerprint["lpips_sha256"] == FakeLPIPS.weights_sha256
+    assert "lpips" in plan.frozen  # moved to the device with the teacher
+    without = build_plan(args, teacher, toy_set(), "c" * 64, lpips=torch.nn.Identity())
+    assert "lpips_sha256" not in without.config

@@ -362,8 +362,11 @@ class TrainingRunner:
                 with open(index, encoding="utf-8") as f:
                     entries += [k for k in json.load(f) if not k.startswith("_")]
             entries += [e for e in os.listdir(out) if e.startswith("pipeline_") and e.endswith(".py")]
+            inside = os.path.realpath(out) + os.sep
             for entry in entries:
                 path = os.path.join(out, entry)
+                if not os.path.realpath(path).startswith(inside):  # never follow a name out of the folder
+                    continue
                 if os.path.isdir(path):
                     shutil.rmtree(path)
                 elif os.path.isfile(path):
