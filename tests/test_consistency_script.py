@@ -58,7 +58,8 @@ def test_student_folder_reloads_and_samples(student_dir, teacher_dir, tmp_path):
     assert json.loads((student_dir / "training_set.json").read_text()) == json.loads(
         (teacher_dir / "training_set.json").read_text())
     config = json.loads((student_dir / "training_config.json").read_text())
-    assert config["pretrained_model_name_or_path"] == str(teacher_dir) and config["num_scales"] == 18
+    assert config["pretrained_model_name_or_path"] == config["teacher"] == str(teacher_dir)
+    assert config["num_scales"] == 18
     assert config["optimizer"] == "radam" and len(config["teacher_sha256"]) == 64
     # The saved EMA is the power function by default; the target network is the mu-EMA of the student.
     assert config["averages"]["ema_unet"]["kind"] == "power" and config["averages"]["ema_unet"]["num_updates"] == 2

@@ -420,7 +420,8 @@ def test_the_student_records_the_lpips_weights_it_was_trained_with(tmp_path):
                        "--max_train_steps", "1", "--loss", "lpips"])
     teacher = EDMPipeline(tiny_unet(resolution=4), EDMHeunScheduler())
     plan = build_plan(args, teacher, toy_set(), "c" * 64, lpips=FakeLPIPS())
-    assert plan.config == {"teacher_sha256": "c" * 64, "lpips_sha256": FakeLPIPS.weights_sha256}
+    assert plan.config == {"teacher": str(tmp_path / "teacher"), "teacher_sha256": "c" * 64,
+                           "lpips_sha256": FakeLPIPS.weights_sha256}
     assert plan.fingerprint["lpips_sha256"] == FakeLPIPS.weights_sha256
     assert "lpips" in plan.frozen  # moved to the device with the teacher
     without = build_plan(args, teacher, toy_set(), "c" * 64, lpips=torch.nn.Identity())

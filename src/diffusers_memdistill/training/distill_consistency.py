@@ -118,7 +118,7 @@ def build_plan(args, teacher_pipeline, training_set, teacher_sha256: str, lpips=
     def export(nets):
         return ConsistencyStudentPipeline(nets["ema_unet"].to("cpu"), student_scheduler), {}
 
-    config = {"teacher_sha256": teacher_sha256}
+    config = {"teacher": args.pretrained_model_name_or_path, "teacher_sha256": teacher_sha256}
     lpips_sha256 = getattr(lpips, "weights_sha256", None)
     if lpips_sha256 is not None:
         config["lpips_sha256"] = lpips_sha256
