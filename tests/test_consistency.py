@@ -69,7 +69,8 @@ class ExactGaussianStudent(ModelMixin, ConfigMixin):
         super().__init__()
         self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the wrapper a dtype
 
-    def forward(self, sample, timestep, class_labels=None):
+    def forward(self, sample, timestep, class_labels=None, return_dict=True):
+        timestep = torch.as_tensor(timestep).expand(sample.shape[0])
         sigma = (4 * timestep.double()).exp()  # timestep = c_noise = ln(sigma) / 4
         c_skip, c_out = (c.double() for c in consistency_scalings(sigma, SIGMA_DATA, SIGMA_MIN))
         c_in = 1 / (sigma**2 + SIGMA_DATA**2).sqrt()
@@ -262,46 +263,7 @@ def test_consistency_training_schedules():
     assert ct_target_ema(total, total, s0, s1, mu0) == pytest.approx(math.exp(s0 * math.log(mu0) / (s1 + 1)))
 
 
-# ---------------------------------------------------------------- scheduler
-
-
-def test_scheduler_levels_and_config_round_trip(tmp_path):
-    scheduler = ConsistencyStudentScheduler(sigma_min=0.01, sigma_max=40.0, rho=5.0, sigma_data=0.25,
-                                            num_inference_steps=2)
-    scheduler.save_pretrained(tmp_path)
-    loaded = ConsistencyStudentScheduler.from_pretrained(tmp_path)
-    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
-    assert public(loaded.config) == public(scheduler.config)
-    assert loaded.config.rho == 5.0 and loaded.config.num_inference_steps == 2
-    torch.testing.assert_close(loaded.sigmas, scheduler.sigmas)
-
-    default = ConsistencyStudentScheduler()
-    default.set_timesteps(1)
-    assert default.sigmas.tolist() == [80.0]
-    default.set_timesteps(2)
-    torch.testing.assert_close(default.sigmas, karras_sigmas(3, append_zero=False)[:2].float())
-    # EDM's c_noise = ln(sigma) / 4, not the 1000x scale of diffusers' CMStochasticIterativeScheduler.
-    torch.testing.assert_close(default.timesteps, default.sigmas.log() / 4)
-    default.set_timesteps(intermediate_sigmas=[5.0, 0.5])
-    assert default.sigmas.tolist() == [80.0, 5.0, 0.5] and default.num_inference_steps == 3
-    for bad, match in (([0.5, 5.0], "decreasing"), ([80.0], r"\(sigma_min, sigma_max\)"), ([0.001], "sigma_min")):
-        with pytest.raises(ValueError, match=match):
-            default.set_timesteps(intermediate_sigmas=bad)
-    with pytest.raises(ValueError, match="positive integer"):
-        default.set_timesteps(0)
-    with pytest.raises(ValueError, match="parameterization"):
-        ConsistencyStudentScheduler(parameterization="epsilon")
-
-
-def test_scheduler_step_adds_noise_at_the_next_level_only():
-    scheduler = ConsistencyStudentScheduler()
-    scheduler.set_timesteps(intermediate_sigmas=[3.0])
-    denoised = torch.zeros(4000, 1, 4, 4)
-    noisy = scheduler.step(denoised, 0, torch.Generator().manual_seed(0)).prev_sample
-    assert noisy.std().item() == pytest.approx(math.sqrt(3.0**2 - SIGMA_MIN**2), rel=0.01)
-    assert torch.equal(scheduler.step(denoised, 1).prev_sample, denoised)  # last level: the sample itself
-    with pytest.raises(IndexError):
-        scheduler.step(denoised, 2)
+# The scheduler's own tests are in test_schedulers.py.
 
 
 # ---------------------------------------------------------------- pipeline
@@ -323,6 +285,11 @@ def test_pipeline_samples_the_exact_gaussian_student():
     noise = torch.cat([torch.randn((1, 1, 8, 8), generator=torch.Generator().manual_seed(10 + i)) for i in range(3)])
     x2 = (x1 + math.sqrt(0.3**2 - SIGMA_MIN**2) * noise) * scale(0.3)
     torch.testing.assert_close(two, to_unit(x2), atol=2e-5, rtol=0)
+    # The same levels given in full, diffusers-style; "latent" is the sample before the [0, 1] mapping.
+    generators = [torch.Generator().manual_seed(10 + i) for i in range(3)]
+    latent = pipe(batch_size=3, latents=latents, sigmas=[80.0, 0.3], generator=generators, output_type="latent").images
+    torch.testing.assert_close(latent, x2, atol=4e-5, rtol=0)
+    assert pipe.num_timesteps == 2
 
 
 def test_pipeline_samples_do_not_depend_on_the_batch():

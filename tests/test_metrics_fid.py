@@ -87,3 +87,65 @@ def test_load_rejects_other_files(tmp_path):
     save_feature_stats(tmp_path / "s.safetensors", stats, {"dataset": "digits"})
     back = load_feature_stats(tmp_path / "s.safetensors")
     assert back.num_samples == 3 and np.array_equal(back.cov, np.eye(2))
+
+
+class TinyPoolFeatures(torch.nn.Module):
+    """Stands in for the Inception pool-feature graph: 299×299 input -> 2048 features."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = torch.nn.AdaptiveAvgPool2d(2)
+        self.proj = torch.nn.Linear(12, 2048)
+
+    def forward(self, x):
+        return self.proj(self.pool(x).flatten(1))
+
+
+@pytest.fixture
+def two_weight_files(tmp_path):
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        path = tmp_path / f"weights_{seed}" / "inception.pt"
+        path.parent.mkdir()
+        torch.jit.script(TinyPoolFeatures().eval()).save(str(path))
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_stats_cache_is_keyed_by_the_weights_hash(two_weight_files, tmp_path, monkeypatch):
+    from diffusers_memdistill.metrics import InceptionFeatureExtractor
+
+    calls = []
+    original = InceptionFeatureExtractor.__call__
+    monkeypatch.setattr(InceptionFeatureExtractor, "__call__", lambda self, x: calls.append(self.weights_path) or original(self, x))
+    first, second = (InceptionFeatureExtractor.from_torchscript(p, device="cpu") for p in two_weight_files)
+    assert first.cache_id != second.cache_id and first.weights_sha256 in first.cache_id
+    images = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    cache = tmp_path / "cache"
+
+    stats_first = cached_feature_stats(images, first, cache)  # extractor_id defaults to first.cache_id
+    stats_second = cached_feature_stats(images, second, cache)  # other weights: computed, never read from the cache
+    assert calls == [first.weights_path, second.weights_path]
+    assert len(list(cache.glob("*.safetensors"))) == 2
+    expected_second = feature_statistics(original(second, images))
+    np.testing.assert_allclose(stats_second.mean, expected_second.mean, rtol=1e-12)
+    assert not np.allclose(stats_first.mean, stats_second.mean)
+    # A caller's own id (one that does not name the weights) still gets the weights' hash in the key.
+    cached_feature_stats(images, first, cache, extractor_id="inception:default")
+    cached_feature_stats(images, second, cache, extractor_id="inception:default")
+    assert calls[2:] == [first.weights_path, second.weights_path]
+    assert len(list(cache.glob("*.safetensors"))) == 4
+
+    # The same weights under another file name hit the cache: the key is the content hash, not the path.
+    copy = tmp_path / "elsewhere.pt"
+    copy.write_bytes(two_weight_files[0].read_bytes())
+    again = cached_feature_stats(images, InceptionFeatureExtractor.from_torchscript(copy, device="cpu"), cache)
+    assert len(calls) == 4
+    np.testing.assert_array_equal(again.mean, stats_first.mean)
+
+
+def test_stats_cache_needs_an_id_for_extractors_without_one(tmp_path):
+    with pytest.raises(ValueError, match="needs `extractor_id`"):
+        cached_feature_stats(torch.rand(4, 1, 2, 2), lambda x: x.flatten(1).double(), tmp_path)

@@ -1,7 +1,7 @@
 """The ``memdistill`` command line.
 
-Each sub-command lives in its own module exposing ``add_arguments(parser)`` and ``main(args) -> int``; the
-module is imported only when its sub-command runs, so ``memdistill --help`` stays fast.
+Each sub-command is a module (or ``module:Object``) exposing ``add_arguments(parser)`` and ``main(args) -> int``;
+it is imported only when its sub-command runs, so ``memdistill --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -24,11 +24,26 @@ SUBCOMMANDS = {
         "diffusers_memdistill.analysis.theory_cli",
         "Reproduce the random-feature analysis of consistency distillation (spectra, leakage, per-mode responses).",
     ),
+    "push": (
+        "diffusers_memdistill.hub:PushCommand",
+        "Upload a saved model with its model card, figures and metrics to the Hugging Face Hub in one commit "
+        "(--dry_run writes the folder instead).",
+    ),
+    "card": (
+        "diffusers_memdistill.hub:CardCommand",
+        "Write the model card of a saved model from its training records and the metrics.json of memdistill evaluate.",
+    ),
     "bundle": (
         "diffusers_memdistill.utils.bundle",
         "Write or check the single-file pipelines in pipelines/ that saved models ship for trust_remote_code loading.",
     ),
 }
+
+
+def _load(target: str):
+    module_name, _, attribute = target.partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, attribute) if attribute else module
 
 
 def build_parser(load_modules: bool = True) -> argparse.ArgumentParser:
@@ -40,7 +55,7 @@ def build_parser(load_modules: bool = True) -> argparse.ArgumentParser:
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if load_modules:
-            importlib.import_module(module_name).add_arguments(p)
+            _load(module_name).add_arguments(p)
     return parser
 
 
@@ -55,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if any(a in ("-h", "--help") for a in argv) or not argv else 2
         parser.parse_args(argv)  # prints the usage error and exits with 2
         return 2
-    module = importlib.import_module(SUBCOMMANDS[command][0])
+    module = _load(SUBCOMMANDS[command][0])
     parser = argparse.ArgumentParser(prog="memdistill")
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser(command, help=SUBCOMMANDS[command][1], description=SUBCOMMANDS[command][1])

@@ -68,6 +68,20 @@ def edm_scale_input(sample: torch.Tensor, sigma, sigma_data: float = 0.5) -> tor
     return append_dims(edm_scalings(sigma, sigma_data)[2], sample.ndim) * sample
 
 
+def edm_sigma_from_c_noise(c_noise) -> torch.Tensor:
+    """The noise level of an EDM timestep, the inverse of c_noise = ln(sigma) / 4: sigma = exp(4 c_noise), float32."""
+    return (4 * _as_float32(c_noise)).exp()
+
+
+def precondition_output(sample: torch.Tensor, model_output: torch.Tensor, c_skip, c_out) -> torch.Tensor:
+    """The preconditioned output c_skip * x + c_out * F (EDM eq. 7; CM eq. 5) in float32, for scalar or per-sample
+    scalings of shape `(B,)`; `sample` and `model_output` may have any shape `(B, ...)` (pixels or latents)."""
+    c_skip = torch.as_tensor(c_skip, device=sample.device, dtype=torch.float32)
+    c_out = torch.as_tensor(c_out, device=sample.device, dtype=torch.float32)
+    ndim = sample.ndim
+    return append_dims(c_skip, ndim) * sample.float() + append_dims(c_out, ndim) * model_output.float()
+
+
 def consistency_scalings(sigma, sigma_data: float = 0.5, sigma_min: float = 0.002):
     """Consistency-model boundary scalings (CM App. C; 000 eq. B.2): ``(c_skip, c_out)`` in float32.
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..scalings import append_dims, edm_loss_weight, karras_sigmas
 from ..solvers import heun_step
+from ..utils.hashing import file_sha256
 
 DISTANCES = ("l2", "pseudo_huber", "lpips")
 WEIGHTINGS = ("uniform", "snr", "snr+1", "karras", "truncated-snr", "ict")
@@ -100,11 +101,23 @@ def _default_lpips_factory(net: str) -> torch.nn.Module:
     return lpips.LPIPS(net=net, verbose=False)
 
 
+def _lpips_weight_files(net: str) -> dict[str, str]:
+    """The files `lpips.LPIPS(net=net)` reads: torchvision's ImageNet backbone (torch hub cache) and the lpips
+    package's linear heads (``lpips/weights/v0.1/<net>.pth``)."""
+    import lpips
+
+    head = os.path.join(os.path.dirname(os.path.abspath(lpips.__file__)), "weights", "v0.1", f"{net}.pth")
+    return {"backbone": os.path.join(torch.hub.get_dir(), "checkpoints", _LPIPS_BACKBONE_FILES[net]), "head": head}
+
+
 def build_lpips_distance(net: str = "vgg", factory: Optional[Callable[[str], torch.nn.Module]] = None) -> LPIPSDistance:
     """Build the LPIPS distance, or raise [`LPIPSUnavailableError`] saying how to get its weights.
 
     `lpips.LPIPS` ships its linear heads but loads the ImageNet backbone (VGG-16 as in the CM code, or AlexNet)
     through torchvision, which downloads it on first use into the torch hub cache.
+
+    The returned module records what it loaded: ``weights_paths`` and ``weights_sha256``, dicts with the keys
+    ``"backbone"`` and ``"head"`` (empty when `factory` is given: the caller's network has no files of ours).
 
     Args:
         net (`str`, defaults to `"vgg"`): the backbone, `"vgg"` or `"alex"`.
@@ -118,6 +131,8 @@ def build_lpips_distance(net: str = "vgg", factory: Optional[Callable[[str], tor
         raise ValueError(f"Unknown LPIPS backbone {net!r}; choose one of {LPIPS_NETS}.")
     try:
         network = (factory or _default_lpips_factory)(net)
+        files = _lpips_weight_files(net) if factory is None else {}
+        hashes = {role: file_sha256(path) for role, path in files.items()}
     except Exception as exc:  # ImportError, URLError/OSError (no network), RuntimeError (corrupt file), ...
         cache = os.path.join(torch.hub.get_dir(), "checkpoints", _LPIPS_BACKBONE_FILES[net])
         raise LPIPSUnavailableError(
@@ -127,7 +142,9 @@ def build_lpips_distance(net: str = "vgg", factory: Optional[Callable[[str], tor
             f"{_LPIPS_BACKBONE_FILES[net]} at {cache} (the torch hub cache; set TORCH_HOME to move it). "
             "Otherwise choose another distance: --loss l2 or --loss pseudo_huber."
         ) from exc
-    return LPIPSDistance(network)
+    distance = LPIPSDistance(network)
+    distance.weights_paths, distance.weights_sha256 = files, hashes
+    return distance
 
 
 # ---------------------------------------------------------------- weightings

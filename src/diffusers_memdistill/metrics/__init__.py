@@ -5,7 +5,7 @@ Feature extractors (SSCD, Inception, CLIP) are injectable callables; their loade
 Figures live in ``diffusers_memdistill.metrics.figures`` (imported on demand, it loads matplotlib).
 """
 
-from .clip_score import CLIPFeatureExtractor, clip_score, compute_clip_score
+from .clip_score import CLIPFeatureExtractor, clip_score, compute_clip_score, resolve_open_clip_weights
 from .fid import (
     FID_INCEPTION_URL,
     FeatureStats,
@@ -38,12 +38,13 @@ from .pairing import (
 )
 from .sscd import (
     SSCD_DISC_MIXUP_URL,
+    SSCD_PREPROCESSINGS,
     SSCDFeatureExtractor,
     SSCDOnnxFeatureExtractor,
     sscd_preprocess,
     sscd_resize,
 )
-from .weights import MissingWeightsError, resolve_weights_file
+from .weights import MissingWeightsError, WeightsProvenance, resolve_weights_file
 
 __all__ = [
     "CLIPFeatureExtractor",
@@ -59,7 +60,9 @@ __all__ = [
     "SSCDFeatureExtractor",
     "SSCDOnnxFeatureExtractor",
     "SSCD_DISC_MIXUP_URL",
+    "SSCD_PREPROCESSINGS",
     "SimilarityMemorizationResult",
+    "WeightsProvenance",
     "cached_feature_stats",
     "clip_score",
     "compute_clip_score",
@@ -73,6 +76,7 @@ __all__ = [
     "memorization_ratio",
     "pairing_inefficiency",
     "pixel_memorization",
+    "resolve_open_clip_weights",
     "resolve_weights_file",
     "save_feature_stats",
     "squared_distance_matrix",

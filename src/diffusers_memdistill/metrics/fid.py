@@ -10,7 +10,8 @@ The feature network is a TorchScript file, in one of two published layouts:
 Images are resized to 299×299 here, before the network, with an antialiased bicubic filter on float values
 ("clean" resizing, Parmar et al. 2022), after rounding to 8-bit levels as saved image files would be.
 The distance is computed in float64 from feature means and covariances; statistics of a dataset can be cached
-on disk (safetensors, keyed by a content hash of the images and the extractor).
+on disk (safetensors, keyed by a content hash of the images and by the extractor's ``cache_id``, which holds the
+SHA-256 of the weights file, so statistics computed with other weights are never reused).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
 from ._images import quantize_uint8, resize, to_float_rgb
-from .weights import load_torchscript, resolve_weights_file
+from .weights import WeightsProvenance, WeightsProvenanceMixin, load_torchscript, resolve_weights_file
 
 FID_INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 
@@ -59,9 +60,13 @@ def fid_helper_weights_path() -> Path | None:
     return None
 
 
-class InceptionFeatureExtractor:
+class InceptionFeatureExtractor(WeightsProvenanceMixin):
     r"""
     Images -> 2048-d Inception-v3 pool features for FID.
+
+    Provenance for reports: ``backend`` (``"torchscript"`` when loaded with
+    [`~InceptionFeatureExtractor.from_torchscript`], ``"module"`` for an injected module), ``weights_path`` and
+    ``weights_sha256`` (None for injected modules); ``cache_id`` names the features for the statistics cache.
 
     Args:
         model (`Callable[..., torch.Tensor]`):
@@ -137,7 +142,17 @@ class InceptionFeatureExtractor:
             source, name="FID Inception-v3", how_to_get=INCEPTION_HOW_TO_GET, cache_dir=cache_dir, download=download
         )
         model = load_torchscript(path, name="FID Inception-v3", how_to_get=INCEPTION_HOW_TO_GET)
-        return cls(model, input_format=input_format, **kwargs)
+        extractor = cls(model, input_format=input_format, **kwargs)
+        extractor.weights_provenance = WeightsProvenance.of_file("torchscript", path)
+        return extractor
+
+    @property
+    def cache_id(self) -> str | None:
+        """Identifies what the features depend on (input format, 8-bit rounding, weights' SHA-256) for
+        [`cached_feature_stats`]; None for an injected module, whose weights have no file to hash."""
+        if self.weights_sha256 is None:
+            return None
+        return f"inception-v3|input_format={self.input_format}|quantize={self.quantize}|sha256={self.weights_sha256}"
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """[0, 1] images (1 or 3 channels, or uint8) -> 299×299 network input in the format's value range."""
@@ -258,12 +273,16 @@ def save_feature_stats(path: str | os.PathLike, stats: FeatureStats, metadata: d
     save_file({"mean": np.ascontiguousarray(stats.mean), "cov": np.ascontiguousarray(stats.cov)}, str(path), metadata=meta)
 
 
-def load_feature_stats(path: str | os.PathLike) -> FeatureStats:
-    """Reads a file written by [`save_feature_stats`] (safetensors: no code execution)."""
+def _stats_metadata(path: str | os.PathLike) -> dict[str, str]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="numpy") as f:
-        meta = f.metadata() or {}
+        return f.metadata() or {}
+
+
+def load_feature_stats(path: str | os.PathLike) -> FeatureStats:
+    """Reads a file written by [`save_feature_stats`] (safetensors: no code execution)."""
+    meta = _stats_metadata(path)
     if meta.get("format") != "memdistill-feature-stats":
         raise ValueError(f"{path} is not a feature-statistics file (metadata {meta}).")
     arrays = load_file(str(path))
@@ -275,7 +294,7 @@ def cached_feature_stats(
     extractor: Callable[[torch.Tensor], torch.Tensor],
     cache_dir: str | os.PathLike,
     *,
-    extractor_id: str,
+    extractor_id: str | None = None,
     dataset_hash: str | None = None,
 ) -> FeatureStats:
     r"""
@@ -288,18 +307,33 @@ def cached_feature_stats(
             Images -> features, e.g. [`InceptionFeatureExtractor`].
         cache_dir (`str` or `os.PathLike`):
             Folder of ``<key>.safetensors`` files.
-        extractor_id (`str`):
-            Names the extractor and its settings (e.g. weights file and input format); part of the key.
+        extractor_id (`str`, *optional*):
+            Names the extractor, its settings and its weights; part of the key. Defaults to ``extractor.cache_id``
+            (e.g. [`InceptionFeatureExtractor.cache_id`], which holds the weights' SHA-256); required for
+            extractors without one. When both are present the key holds both, so the weights' hash is always in it.
         dataset_hash (`str`, *optional*):
             Precomputed [`tensor_content_hash`] of `images`.
 
     Returns:
         [`FeatureStats`]
+
+    Raises:
+        `ValueError`: no `extractor_id` given and the extractor has no ``cache_id`` (e.g. an injected module).
     """
+    own_id = getattr(extractor, "cache_id", None)
+    if extractor_id is None:
+        if own_id is None:
+            raise ValueError(
+                "cached_feature_stats needs `extractor_id` for an extractor without a `cache_id` (e.g. an injected "
+                "module): name its weights, or its features could be mistaken for another model's."
+            )
+        extractor_id = own_id
+    elif own_id is not None and own_id not in extractor_id:
+        extractor_id = f"{extractor_id}|{own_id}"
     dataset_hash = dataset_hash or tensor_content_hash(images)
     key = hashlib.sha256(f"{dataset_hash}|{extractor_id}".encode()).hexdigest()[:32]
     path = Path(cache_dir) / f"{key}.safetensors"
-    if path.is_file():
+    if path.is_file() and _stats_metadata(path).get("extractor_id") == extractor_id:
         return load_feature_stats(path)
     stats = feature_statistics(extractor(images))
     save_feature_stats(

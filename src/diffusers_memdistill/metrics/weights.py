@@ -4,6 +4,9 @@ Weights come from a local path or a URL. A URL is downloaded once into the torch
 (``$TORCH_HOME/hub/checkpoints``) with ``torch.hub.download_url_to_file``. Anything that prevents getting usable
 weights raises [`MissingWeightsError`], so a caller can report it and still compute the other metrics.
 TorchScript files are read with ``torch.jit.load``; nothing here unpickles.
+
+Every extractor records where its numbers come from ([`WeightsProvenanceMixin`]): the backend, the weights file and
+its SHA-256, hashed once when the file is loaded, so that a report can name the exact weights behind each metric.
 """
 
 from __future__ import annotations
@@ -11,14 +14,74 @@ from __future__ import annotations
 import os
 import urllib.error
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 
+from ..utils.hashing import file_sha256
+
 
 class MissingWeightsError(RuntimeError):
     """The weights of a feature extractor are missing or unusable; the message says how to get them."""
+
+
+BACKENDS = ("torchscript", "onnx", "open_clip", "module")
+
+
+@dataclass(frozen=True)
+class WeightsProvenance:
+    r"""
+    Where the weights of a feature extractor come from.
+
+    Args:
+        backend (`str`):
+            ``"torchscript"``, ``"onnx"``, ``"open_clip"``, or ``"module"`` for a module injected by the caller.
+        path (`str`, *optional*):
+            The weights file that was loaded; None for injected modules (and randomly initialised models).
+        sha256 (`str`, *optional*):
+            SHA-256 of that file (hex); None when there is no file.
+    """
+
+    backend: str = "module"
+    path: str | None = None
+    sha256: str | None = None
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"`backend` must be one of {BACKENDS}, got {self.backend!r}.")
+
+    @classmethod
+    def of_file(cls, backend: str, path: str | os.PathLike) -> "WeightsProvenance":
+        """Provenance of a loaded weights file, hashing it (once, here)."""
+        return cls(backend=backend, path=str(path), sha256=file_sha256(path))
+
+
+class WeightsProvenanceMixin:
+    """Gives an extractor ``backend``, ``weights_path`` and ``weights_sha256`` from its ``weights_provenance``."""
+
+    weights_provenance: WeightsProvenance = WeightsProvenance()
+
+    @property
+    def backend(self) -> str:
+        """``"torchscript"``, ``"onnx"``, ``"open_clip"`` or ``"module"`` (a module injected by the caller)."""
+        return self.weights_provenance.backend
+
+    @property
+    def weights_path(self) -> str | None:
+        """The weights file that was loaded, or None for an injected module."""
+        return self.weights_provenance.path
+
+    @property
+    def weights_sha256(self) -> str | None:
+        """SHA-256 (hex) of the weights file, or None for an injected module."""
+        return self.weights_provenance.sha256
+
+    @property
+    def provenance(self) -> dict[str, str | None]:
+        """``{"backend", "weights_path", "weights_sha256"}`` as a JSON-ready dict, e.g. for a report."""
+        return {"backend": self.backend, "weights_path": self.weights_path, "weights_sha256": self.weights_sha256}
 
 
 def is_url(source: str | os.PathLike) -> bool:

@@ -1,20 +1,25 @@
-"""Preconditioned denoisers over a plain diffusers ``UNet2DModel``; the wrappers hold no weights of their own."""
+"""Preconditioned denoisers over a plain diffusers UNet; the wrappers hold no weights of their own.
+
+They are shape-agnostic: ``x`` is any `(B, ...)` tensor the UNet takes, pixels or VAE latents with any number of
+channels, and conditioning other than class labels (``encoder_hidden_states`` of a `UNet2DConditionModel`, say)
+is passed through to the UNet as keyword arguments.
+"""
 
 import torch
 
-from ..scalings import append_dims, consistency_scalings, edm_scalings
+from ..scalings import append_dims, consistency_scalings, edm_scalings, precondition_output
 
 
 class EDMDenoiser:
     r"""EDM denoiser D(x; sigma) = c_skip * x + c_out * F(c_in * x; c_noise) around a diffusers UNet (EDM eq. 7).
 
     The UNet ``F`` is fed ``c_in * x`` and the timestep ``c_noise = ln(sigma) / 4``; class-conditional UNets get
-    ``class_labels`` through their class embedding. The network runs in its own dtype; the preconditioning and the
-    returned ``denoised`` are float32.
+    ``class_labels`` through their class embedding, and any other keyword argument of ``__call__`` reaches the UNet
+    unchanged. The network runs in its own dtype; the preconditioning and the returned ``denoised`` are float32.
 
     Args:
-        unet (`UNet2DModel`): the network F (possibly wrapped by DDP / ``torch.compile``).
-        sigma_data (`float`): standard deviation of the data.
+        unet (`UNet2DModel` or `UNet2DConditionModel`): the network F (possibly wrapped by DDP / ``torch.compile``).
+        sigma_data (`float`): standard deviation of the data (or of the latents, for latent models).
     """
 
     def __init__(self, unet, sigma_data: float = 0.5):
@@ -24,18 +29,21 @@ class EDMDenoiser:
     def scalings(self, sigma: torch.Tensor):
         return edm_scalings(sigma, self.sigma_data)
 
-    def model_output(self, x: torch.Tensor, c_in: torch.Tensor, c_noise: torch.Tensor, class_labels=None):
+    def model_output(self, x: torch.Tensor, c_in: torch.Tensor, c_noise: torch.Tensor, class_labels=None, **cond):
+        """The raw network output F(c_in * x; c_noise), float32."""
         dtype = next(iter(_parameters(self.unet))).dtype
-        out = self.unet((append_dims(c_in, x.ndim) * x).to(dtype), c_noise, class_labels=class_labels)
+        if class_labels is not None:
+            cond["class_labels"] = class_labels
+        out = self.unet((append_dims(c_in, x.ndim) * x).to(dtype), c_noise, **cond)
         return (out.sample if hasattr(out, "sample") else out[0]).float()
 
-    def __call__(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma, class_labels=None, **cond) -> torch.Tensor:
+        """D(x; sigma) for ``x`` of shape `(B, ...)` and a scalar or per-sample `(B,)` ``sigma``."""
         sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
         c_skip, c_out, c_in, c_noise = self.scalings(sigma)
-        model_output = self.model_output(x, c_in, c_noise, class_labels)
-        return append_dims(c_skip, x.ndim) * x.float() + append_dims(c_out, x.ndim) * model_output
+        return precondition_output(x, self.model_output(x, c_in, c_noise, class_labels, **cond), c_skip, c_out)
 
 
 class ConsistencyDenoiser(EDMDenoiser):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
@@ -11,6 +10,7 @@ from diffusers import UNet2DModel
 
 from ..data import load_training_set
 from ..pipelines.pipeline_edm import EDMPipeline
+from ..utils.hashing import file_sha256  # re-exported: the training scripts import it from here
 
 
 def resolve_pretrained(name_or_path: str, revision: str | None = None, variant: str | None = None) -> str:
@@ -111,12 +111,3 @@ def build_student_unet(
                 value.copy_(source)
                 copied += 1
     return student.float().train(), copied
-
-
-def file_sha256(path: str) -> str:
-    """SHA-256 of a file's bytes (identifies the teacher weights a run was distilled from)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
