@@ -426,3 +426,26 @@ def test_the_student_records_the_lpips_weights_it_was_trained_with(tmp_path):
     assert "lpips" in plan.frozen  # moved to the device with the teacher
     without = build_plan(args, teacher, toy_set(), "c" * 64, lpips=torch.nn.Identity())
     assert "lpips_sha256" not in without.config
+
+
+def test_batches_carry_labels_and_captions_of_the_same_images(tmp_path):
+    n = 12
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 4, 4).contiguous()
+    record = {"format": 1, "dataset": "toy", "sha256": images_sha256(images), "num_images": n, "num_examples": n}
+    training_set = TrainingSet(images, torch.arange(n) % 3, torch.ones(n, dtype=torch.long), record,
+                               captions=[f"image {i}" for i in range(n)])
+    seen = []
+
+    def step(nets, batch, generator):
+        index = ((batch["pixel_values"][:, 0, 0, 0] + 1) * 127.5).round().long()
+        seen.append((index.tolist(), batch["class_labels"].tolist(), batch["captions"]))
+        return (nets["a"](batch["pixel_values"]) - batch["pixel_values"]).square().mean()
+
+    reset_accelerate_state()
+    args = toy_args(tmp_path, "--max_train_steps", 3)
+    model = Toy()
+    plan = TrainingPlan(models={"a": model}, phases=[Phase("a", build_optimizer("adam", model.parameters(), args), step)])
+    TrainingRunner(args, "toy.py").train(plan, training_set, finalize=False)
+    assert len(seen) == 3 and sorted(i for indices, _, _ in seen for i in indices) == list(range(n))
+    for indices, labels, captions in seen:
+        assert labels == [i % 3 for i in indices] and captions == [f"image {i}" for i in indices]

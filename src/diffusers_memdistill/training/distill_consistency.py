@@ -148,7 +148,7 @@ def main(args) -> int:
     with runner.main_process_first():
         folder = resolve_pretrained(args.pretrained_model_name_or_path, args.revision, args.variant)
         teacher_pipeline, training_set = load_edm_teacher(folder, args.teacher_dataset, variant=args.variant)
-    refuse_overlap(args.output_dir, [folder, training_set.record.get("dataset")])  # where the teacher data lies
+    refuse_overlap(args.output_dir, [folder, training_set.record.get("root"), training_set.record.get("dataset")])
     weights = "diffusion_pytorch_model" + (f".{args.variant}" if args.variant else "") + ".safetensors"
     teacher_sha256 = file_sha256(os.path.join(folder, "unet", weights))
     lpips = build_lpips_distance(args.lpips_net) if args.loss == "lpips" else None

@@ -34,7 +34,8 @@ How a script plugs in
 
    ``nets`` maps every name (models, averages, frozen) to its network; in a step, trained models are the prepared
    (DDP, compiled) ones, in ``validate`` and ``export`` the plain ones. A batch is ``{"pixel_values": float in
-   [-1, 1], "class_labels": long}`` (labels only where the data has them) on the training device.
+   [-1, 1], "class_labels": long, "captions": list of str}`` (labels and captions only where the data has them)
+   on the training device.
 
 Reproducibility
 ---------------
@@ -192,7 +193,7 @@ class StepBatchSampler:
 
 def training_dataset(training_set):
     """The decoded training images as a 🤗 `datasets.Dataset` (in Arrow format) with a ``pixels`` column of raw
-    uint8 bytes (C, H, W) and, where the data has labels, ``class_labels``.
+    uint8 bytes (C, H, W) and, where the data has them, ``class_labels`` and ``captions``.
 
     Raw bytes rather than an ``Array3D`` column: gathering a random batch of 512 CIFAR-sized images takes ~2 ms this
     way against ~60 ms through datasets' tensor formatting.
@@ -205,11 +206,15 @@ def training_dataset(training_set):
     if training_set.labels is not None:
         columns["class_labels"] = training_set.labels.numpy()
         features["class_labels"] = Value("int64")
+    if getattr(training_set, "captions", None) is not None:
+        columns["captions"] = list(training_set.captions)
+        features["captions"] = Value("string")
     return Dataset.from_dict(columns, features=Features(features)).with_format("arrow")
 
 
 class _DecodeBatch:
-    """collate_fn: an Arrow table of rows -> {"pixel_values": uint8 (B, C, H, W), "class_labels": long (B,)}."""
+    """collate_fn: an Arrow table of rows -> {"pixel_values": uint8 (B, C, H, W), "class_labels": long (B,),
+    "captions": list of str} (the last two where the data has them)."""
 
     def __init__(self, shape):
         self.shape = tuple(shape)
@@ -219,6 +224,8 @@ class _DecodeBatch:
         batch = {"pixel_values": torch.frombuffer(bytearray(raw), dtype=torch.uint8).reshape(-1, *self.shape)}
         if "class_labels" in table.column_names:
             batch["class_labels"] = torch.as_tensor(table.column("class_labels").to_numpy(), dtype=torch.long)
+        if "captions" in table.column_names:
+            batch["captions"] = table.column("captions").to_pylist()
         return batch
 
 
@@ -613,6 +620,8 @@ class TrainingRunner:
             out = {"pixel_values": images_to_model_range(batch["pixel_values"].to(device, non_blocking=True))}
             if "class_labels" in batch:
                 out["class_labels"] = batch["class_labels"].to(device, non_blocking=True)
+            if "captions" in batch:
+                out["captions"] = batch["captions"]
             return out
 
         step_models = {n: (torch.compile(m) if args.compile else m) for n, m in models.items()}
