@@ -138,3 +138,42 @@ def test_two_processes_resume_exactly_with_dropout(tmp_path):
     assert all(torch.equal(a[n][k], b[n][k]) for n in a for k in a[n])
     final_a, final_b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+def test_push_to_hub_uploads_the_finished_folder_and_never_writes_the_token(tmp_path, monkeypatch):
+    """--push_to_hub hands the finished folder to the one-commit upload (faked at the Hub boundary); the token is
+    redacted from the saved config and reaches nothing on disk."""
+    import diffusers_memdistill.training.runner as runner
+
+    pushed = []
+
+    def fake_push(model_dir, repo_id, *, token=None, private=False, **kwargs):
+        assert os.path.isfile(os.path.join(model_dir, "model_index.json"))  # only once everything is written
+        pushed.append((str(model_dir), repo_id, token, private))
+        return f"https://huggingface.co/{repo_id}/commit/0"
+
+    monkeypatch.setattr(runner, "push_to_hub_folder", fake_push)
+    out = tmp_path / "teacher"
+    secret = "hf_ThisIsNotARealToken123"
+    argv = BASE + ["--max_train_steps", "2", "--checkpointing_steps", "2", "--output_dir", out, "--push_to_hub",
+                   "--hub_model_id", "someone/tiny-teacher", "--hub_token", secret, "--hub_private_repo"]
+    monkeypatch.setattr(sys, "argv", ["train_edm_teacher.py"] + [str(a) for a in argv])  # the recorded command
+    run_script("train_edm_teacher", argv)
+    assert pushed == [(str(out), "someone/tiny-teacher", secret, True)]
+    config = json.loads((out / "training_config.json").read_text())
+    assert config["hub_token"] != secret and "--hub_token" in config["command"]
+    for root, _, files in os.walk(out):
+        for name in files:
+            assert secret.encode() not in open(os.path.join(root, name), "rb").read(), name
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--push_to_hub"], "needs --hub_model_id"),
+    (["--push_to_hub", "--hub_model_id", "not a repo id", "--hub_token", "x"], "--hub_model_id"),
+    (["--hub_model_id", "someone/model"], "used with --push_to_hub"),
+])
+def test_hub_flags_are_checked_before_training(tmp_path, capsys, extra, match):
+    with pytest.raises(SystemExit) as exc:
+        run_script("train_edm_teacher", BASE + ["--max_train_steps", "2", "--output_dir", tmp_path / "run"] + extra)
+    assert exc.value.code == 2 and match in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

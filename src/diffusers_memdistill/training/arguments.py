@@ -68,6 +68,14 @@ def add_training_args(parser: argparse.ArgumentParser, learning_rate: float, tra
     c.add_argument("--num_validation_images", type=int, default=16,
                    help="Fixed-seed validation samples, saved as a grid and sent to the trackers (0 disables).")
 
+    h = parser.add_argument_group("Hugging Face Hub")
+    h.add_argument("--push_to_hub", action="store_true",
+                   help="Upload the finished model (safetensors, single-file pipeline, card) in one commit at the end.")
+    h.add_argument("--hub_model_id", default=None, help="The repository to push to, as USER/NAME.")
+    h.add_argument("--hub_token", default=None,
+                   help="A Hub token (default: huggingface_hub's login or HF_TOKEN); never logged or written.")
+    h.add_argument("--hub_private_repo", action="store_true", help="Create the repository as private.")
+
     e = parser.add_argument_group("EMA of the saved weights")
     e.add_argument("--ema_sigma_rel", type=float, default=None,
                    help="Power-function EMA (EDM2) of this relative width, the default (0.05).")
@@ -153,6 +161,23 @@ def validate_training_args(parser: argparse.ArgumentParser, args, protected_path
             import bitsandbytes  # noqa: F401
         except ImportError:
             parser.error("--use_8bit_adam needs bitsandbytes: pip install 'diffusers-memdistill[8bit]'.")
+    if args.push_to_hub:
+        # Checked before training starts, so that hours of work never end in a refused upload.
+        from ..hub import validate_hub_repo_id
+
+        if not args.hub_model_id:
+            parser.error("--push_to_hub needs --hub_model_id USER/NAME.")
+        try:
+            validate_hub_repo_id(args.hub_model_id)
+        except ValueError as exc:
+            parser.error(f"--hub_model_id: {exc}")
+        from huggingface_hub import get_token
+
+        if not (args.hub_token or get_token()):
+            parser.error("--push_to_hub needs a Hugging Face token: log in with `hf auth login`, set HF_TOKEN or "
+                         "pass --hub_token.")
+    elif args.hub_model_id or args.hub_token:
+        parser.error("--hub_model_id and --hub_token are used with --push_to_hub.")
     if args.overwrite_output_dir and args.resume_from_checkpoint:
         parser.error("--overwrite_output_dir deletes the run that --resume_from_checkpoint continues: pass one.")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):

@@ -63,6 +63,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import images_to_model_range
+from ..hub import push_to_hub_folder, redact_config
 from .ema import ModelEMA
 from .utils import (
     CHECKPOINT_DIR,
@@ -717,18 +719,23 @@ class TrainingRunner:
             if finalize:
                 if acc.is_main_process and plan.export is not None:
                     pipeline, records = plan.export(plain_nets)
-                    config = jsonable({
-                        **vars(args), "script": self.script, "num_processes": world,
+                    config = jsonable(redact_config({
+                        **vars(args), "command": list(sys.argv), "script": self.script, "num_processes": world,
                         "mixed_precision_used": acc.mixed_precision,
                         "averages": {n: {"source": a.source, **a.ema.summary()} for n, a in plan.averages.items()},
                         "optimizer_updates": dict(run_state.updates), "run_history": lineage, **plan.config,
-                    })
+                    }))
                     save_pipeline_atomically(pipeline, self.output_dir, {
                         "training_set.json": training_set.record, "training_config.json": config, **records})
                     self.print(f"Saved the finished model to {self.output_dir}.")
                 self._prune()
                 self._append_history({"event": "finished", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                       "step": args.max_train_steps})
+                if getattr(args, "push_to_hub", False) and acc.is_main_process and plan.export is not None:
+                    # After everything is written: the card, the single-file pipeline and the weights in one commit.
+                    url = push_to_hub_folder(self.output_dir, args.hub_model_id, token=args.hub_token,
+                                             private=args.hub_private_repo)
+                    self.print(f"Pushed the finished model to {url}.")
                 acc.wait_for_everyone()
         finally:
             progress.close()
