@@ -143,7 +143,7 @@ def test_two_processes_resume_exactly_with_dropout(tmp_path):
 def test_push_to_hub_uploads_the_finished_folder_and_never_writes_the_token(tmp_path, monkeypatch):
     """--push_to_hub hands the finished folder to the one-commit upload (faked at the Hub boundary); the token is
     redacted from the saved config and reaches nothing on disk."""
-    import diffusers_memdistill.training.runner as runner
+    import diffusers_memdistill.hub as hub
 
     pushed = []
 
@@ -152,7 +152,7 @@ def test_push_to_hub_uploads_the_finished_folder_and_never_writes_the_token(tmp_
         pushed.append((str(model_dir), repo_id, token, private))
         return f"https://huggingface.co/{repo_id}/commit/0"
 
-    monkeypatch.setattr(runner, "push_to_hub_folder", fake_push)
+    monkeypatch.setattr(hub, "push_to_hub_folder", fake_push)
     out = tmp_path / "teacher"
     secret = "hf_ThisIsNotARealToken123"
     argv = BASE + ["--max_train_steps", "2", "--checkpointing_steps", "2", "--output_dir", out, "--push_to_hub",

@@ -73,7 +73,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import images_to_model_range
-from ..hub import push_to_hub_folder, redact_config
+from ..utils.redact import redact_config
 from .ema import ModelEMA
 from .utils import (
     CHECKPOINT_DIR,
@@ -733,7 +733,9 @@ class TrainingRunner:
                                       "step": args.max_train_steps})
                 if getattr(args, "push_to_hub", False) and acc.is_main_process and plan.export is not None:
                     # After everything is written: the card, the single-file pipeline and the weights in one commit.
-                    url = push_to_hub_folder(self.output_dir, args.hub_model_id, token=args.hub_token,
+                    from .. import hub
+
+                    url = hub.push_to_hub_folder(self.output_dir, args.hub_model_id, token=args.hub_token,
                                              private=args.hub_private_repo)
                     self.print(f"Pushed the finished model to {url}.")
                 acc.wait_for_everyone()

@@ -56,7 +56,7 @@ def make_accelerator(args, log_with=None):
 
 def init_trackers(accelerator, project_name: str, args) -> None:
     """Start the trackers with the run's scalar flags as its config (main process only)."""
-    from ..hub import redact_config
+    from ..utils.redact import redact_config
 
     config = {k: v for k, v in redact_config(vars(args)).items() if v is None or isinstance(v, (int, float, str, bool))}
     accelerator.init_trackers(project_name, config=config)
