@@ -134,3 +134,22 @@ def test_cli_help_lists_the_commands(capsys):
     text = capsys.readouterr().out
     assert all(c in text for c in ("demo", "evaluate", "theory", "bundle"))
     assert cli_main(["bundle", "--check", "--output_dir", str(__import__("conftest").REPO / "pipelines")]) == 0
+
+
+def test_evaluate_takes_a_hub_id_through_its_local_snapshot(copying_model, tmp_path, monkeypatch):
+    """`--model user/name` reads the pipeline and its training-set record from the Hub snapshot (the download is
+    faked at the huggingface_hub boundary); a path that does not exist is not mistaken for a Hub id."""
+    import huggingface_hub
+
+    asked = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        asked.append(repo_id)
+        return str(copying_model)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    results = evaluate(["someone/copier"], str(tmp_path / "ev"), num_samples=4, metrics=("l2",), floor=False)
+    assert asked == ["someone/copier"] and list(results["models"]) == ["copier"]
+    assert results["models"]["copier"]["l2"]["num_valid"] == 4
+    with pytest.raises(FileNotFoundError, match="neither a saved pipeline folder nor a Hub id"):
+        evaluate([str(tmp_path / "absent" / "folder")], str(tmp_path / "ev2"), num_samples=4)

@@ -225,6 +225,22 @@ def pixel_frechet_distance(samples: torch.Tensor, train: torch.Tensor) -> float:
     return float(fid_from_features(finite_samples(samples).flatten(1).double(), train.flatten(1).double()))
 
 
+def local_model_folder(model: str) -> str:
+    """A saved folder as is; a Hub id (``user/name``) as its local snapshot (downloaded, or read from the Hub cache
+    offline), so that its pipeline and its ``training_set.json`` / ``training_config.json`` records are read alike."""
+    if os.path.isdir(model):
+        return model
+    if os.path.exists(model) or os.path.isabs(model) or model.startswith("."):
+        raise FileNotFoundError(f"--model {model} is neither a saved pipeline folder nor a Hub id (user/name).")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return snapshot_download(model)
+    except HFValidationError as exc:
+        raise FileNotFoundError(f"--model {model} is neither a saved pipeline folder nor a Hub id: {exc}") from exc
+
+
 def _training_config(path: str) -> dict:
     config_path = os.path.join(path, "training_config.json")
     if not os.path.isfile(config_path):
@@ -299,10 +315,11 @@ def evaluate(
     from .registry import load_pipeline
 
     runs, run_sets, train_sets, set_ids, configs, registrations = [], {}, {}, {}, {}, {}
-    for k, path in enumerate(model_paths):
+    for k, model in enumerate(model_paths):
+        path = local_model_folder(model)
         pipeline, registration = load_pipeline(path)
         kind = registration.kind
-        base = names[k] if names else os.path.basename(os.path.normpath(path))
+        base = names[k] if names else os.path.basename(os.path.normpath(model))
         if train_data is not None:
             image_channels, image_size, _ = registration.image_shape(pipeline)
             ts = build_training_set(train_data, image_size, channels=image_channels)
