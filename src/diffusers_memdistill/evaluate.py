@@ -1121,9 +1121,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", action="append", dest="models", metavar="DIR",
-                        help="A saved pipeline folder, or a Hub id (user/name), of a class registered for evaluation (a teacher such as "
-                             "EDMPipeline, a student such as ConsistencyStudentPipeline, a one-step generator); "
-                             "repeat for several models. Samples them and saves the samples.")
+                        help="A saved pipeline folder, or a Hub id (user/name), of a class registered for evaluation "
+                             "(a teacher such as EDMPipeline, a student such as ConsistencyStudentPipeline, a one-step "
+                             "generator); repeat for several models. Samples them and saves the samples.")
     source.add_argument("--from_samples", metavar="DIR", default=None,
                         help="The output folder of an earlier evaluation: recompute every metric from its saved "
                              "samples, without loading any model, and compare with its metrics.json.")
