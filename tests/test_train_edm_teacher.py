@@ -48,24 +48,25 @@ torch.save(pipe(batch_size=2, class_labels=[3, 4], generator=g, num_inference_st
 
 
 def test_resumed_run_ends_with_the_same_weights(tmp_path):
-    # Dropout > 0 (global-RNG draws), warm-up, the old constant-decay EMA with warm-up, accumulation.
-    args = BASE + ["--checkpointing_steps", "3", "--lr_warmup_steps", "3", "--ema_decay", "0.99", "--ema_warmup",
-                   "--dropout", "0.2", "--gradient_accumulation_steps", "2"]
-    run_script("train_edm_teacher", args + ["--max_train_steps", "6", "--output_dir", tmp_path / "straight"])
-    run_script("train_edm_teacher", args + ["--max_train_steps", "4", "--output_dir", tmp_path / "resumed"])
+    # Dropout > 0 (global-RNG draws), warm-up, the old constant-decay EMA with warm-up. The resumed run starts from
+    # the uninterrupted run's checkpoint-2 in a folder of its own.
+    args = BASE + ["--checkpointing_steps", "2", "--lr_warmup_steps", "3", "--ema_decay", "0.99", "--ema_warmup",
+                   "--dropout", "0.2", "--max_train_steps", "4"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_script("train_edm_teacher", args + ["--output_dir", straight])
     with pytest.raises(FileExistsError, match="already holds a finished model"):
-        run_script("train_edm_teacher", args + ["--max_train_steps", "6", "--output_dir", tmp_path / "resumed"])
-    run_script("train_edm_teacher", args + ["--max_train_steps", "6", "--output_dir", tmp_path / "resumed",
-                                            "--resume_from_checkpoint", "latest"])
-    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")  # EMA weights
+        run_script("train_edm_teacher", args + ["--output_dir", straight])
+    run_script("train_edm_teacher", args + ["--output_dir", resumed, "--resume_from_checkpoint",
+                                            straight / "checkpoints" / "checkpoint-2"])
+    a, b = weights(straight), weights(resumed)  # EMA weights
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    raw_a = load_checkpoint_weights(str(tmp_path / "straight/checkpoints/checkpoint-6"))
-    raw_b = load_checkpoint_weights(str(tmp_path / "resumed/checkpoints/checkpoint-6"))
+    raw_a = load_checkpoint_weights(str(straight / "checkpoints" / "checkpoint-4"))
+    raw_b = load_checkpoint_weights(str(resumed / "checkpoints" / "checkpoint-4"))
     assert set(raw_a) == {"unet", "ema_unet"}
     assert all(torch.equal(raw_a[n][k], raw_b[n][k]) for n in raw_a for k in raw_a[n])
-    config = json.loads((tmp_path / "resumed" / "training_config.json").read_text())
+    config = json.loads((resumed / "training_config.json").read_text())
     assert config["averages"]["ema_unet"]["kind"] == "constant" and config["averages"]["ema_unet"]["warmup"]
-    assert [e["start_step"] for e in config["run_history"]] == [0, 4]
+    assert [e["start_step"] for e in config["run_history"]] == [0, 2]
 
 
 def test_the_saved_ema_is_the_power_function_by_default(tmp_path):
@@ -124,19 +125,21 @@ def launch_two_processes(out, *extra):
 
 @pytest.mark.slow
 def test_two_processes_resume_exactly_with_dropout(tmp_path):
-    # gloo DDP on 2 CPU processes: each rank draws its own dropout masks, and interrupted + resumed = uninterrupted.
-    straight = launch_two_processes(tmp_path / "straight", "--max_train_steps", "4")
-    assert "2 process(es)" in straight.stdout + straight.stderr
-    launch_two_processes(tmp_path / "resumed", "--max_train_steps", "2")
-    launch_two_processes(tmp_path / "resumed", "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
-    for out in (tmp_path / "straight", tmp_path / "resumed"):
+    # gloo DDP on 2 CPU processes: each rank draws its own dropout masks, and a run resumed from the uninterrupted
+    # run's checkpoint-2 ends with its weights.
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    result = launch_two_processes(straight, "--max_train_steps", "4")
+    assert "2 process(es)" in result.stdout + result.stderr
+    launch_two_processes(resumed, "--max_train_steps", "4", "--resume_from_checkpoint",
+                         str(straight / "checkpoints" / "checkpoint-2"))
+    for out, steps in ((straight, [2, 4]), (resumed, [4])):
         assert json.loads((out / "training_config.json").read_text())["num_processes"] == 2
-        assert [s for s, _ in list_checkpoints(out)] == [2, 4]
+        assert [s for s, _ in list_checkpoints(out)] == steps
         EDMPipeline.from_pretrained(out)
-    a = load_checkpoint_weights(str(tmp_path / "straight/checkpoints/checkpoint-4"))
-    b = load_checkpoint_weights(str(tmp_path / "resumed/checkpoints/checkpoint-4"))
+    a = load_checkpoint_weights(str(straight / "checkpoints" / "checkpoint-4"))
+    b = load_checkpoint_weights(str(resumed / "checkpoints" / "checkpoint-4"))
     assert all(torch.equal(a[n][k], b[n][k]) for n in a for k in a[n])
-    final_a, final_b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    final_a, final_b = weights(straight), weights(resumed)
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
 
 
