@@ -7,13 +7,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from conftest import REPO, run_script, run_without_package
 from diffusers_memdistill.losses import consistency as cd
 from diffusers_memdistill.pipelines.pipeline_consistency import ConsistencyStudentPipeline
 from diffusers_memdistill.pipelines.pipeline_edm import EDMPipeline
-from diffusers_memdistill.training.utils import list_checkpoints
+from diffusers_memdistill.training.runner import load_checkpoint_weights, run_cli
+from diffusers_memdistill.training.utils import list_checkpoints, resolve_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -26,15 +26,15 @@ def distill(argv):
 def teacher_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher")
     run_script("train_edm_teacher", [
-        "--dataset", "digits", "--resolution", "8", "--num_train_images", "40", "--model_preset", "tiny",
+        "--dataset_name", "digits", "--resolution", "8", "--num_train_images", "40", "--model_preset", "tiny",
         "--max_train_steps", "2", "--train_batch_size", "8", "--num_validation_images", "0", "--report_to", "none",
         "--output_dir", out,
     ])
     return out
 
 
-def _args(teacher_dir, out, *extra):
-    return ["--teacher", str(teacher_dir), "--output_dir", str(out), "--loss", "l2", "--train_batch_size", "4",
+def _args(teacher_dir, out, *extra, teacher_flag="--pretrained_model_name_or_path"):
+    return [teacher_flag, str(teacher_dir), "--output_dir", str(out), "--loss", "l2", "--train_batch_size", "4",
             "--report_to", "none", "--num_validation_images", "4", *extra]
 
 
@@ -58,14 +58,20 @@ def test_student_folder_reloads_and_samples(student_dir, teacher_dir, tmp_path):
     assert json.loads((student_dir / "training_set.json").read_text()) == json.loads(
         (teacher_dir / "training_set.json").read_text())
     config = json.loads((student_dir / "training_config.json").read_text())
-    assert config["teacher"] == str(teacher_dir) and config["num_scales"] == 18 and config["optimizer"] == "radam"
+    assert config["pretrained_model_name_or_path"] == config["teacher"] == str(teacher_dir)
+    assert config["num_scales"] == 18
+    assert config["optimizer"] == "radam" and len(config["teacher_sha256"]) == 64
+    # The saved EMA is the power function by default; the target network is the mu-EMA of the student.
+    assert config["averages"]["ema_unet"]["kind"] == "power" and config["averages"]["ema_unet"]["num_updates"] == 2
+    assert config["averages"]["target_unet"] == {**config["averages"]["target_unet"], "kind": "constant",
+                                                 "decay": 0.95}
 
     pipe = ConsistencyStudentPipeline.from_pretrained(student_dir)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.scheduler.config.sigma_min == 0.002 and pipe.scheduler.config.parameterization == "consistency"
     # The saved weights are the evaluation EMA of the last checkpoint.
-    ema = load_file(student_dir / "checkpoints" / "checkpoint-2" / "ema_unet.safetensors")
-    online = load_file(student_dir / "checkpoints" / "checkpoint-2" / "unet.safetensors")
+    saved = load_checkpoint_weights(str(student_dir / "checkpoints" / "checkpoint-2"))
+    ema, online = saved["ema_unet"], saved["unet"]
     assert all(torch.equal(v, ema[k]) for k, v in pipe.unet.state_dict().items())
     assert not all(torch.equal(v, online[k]) for k, v in pipe.unet.state_dict().items())
     one, two = _samples(pipe, 1), _samples(pipe, 2)
@@ -94,7 +100,8 @@ print("OK")
 
 
 def test_resume_reproduces_an_uninterrupted_run(teacher_dir, student_dir, tmp_path):
-    first = _args(teacher_dir, tmp_path, "--max_train_steps", "1", "--checkpointing_steps", "1")
+    first = _args(teacher_dir, tmp_path, "--max_train_steps", "1", "--checkpointing_steps", "1",
+                  teacher_flag="--teacher")  # the old flag name still works
     first[first.index("--num_validation_images") + 1] = "0"
     distill(first)
     with pytest.raises(FileExistsError, match="resume_from_checkpoint"):
@@ -104,10 +111,11 @@ def test_resume_reproduces_an_uninterrupted_run(teacher_dir, student_dir, tmp_pa
                       "--resume_from_checkpoint", "latest"))
     distill(_args(teacher_dir, tmp_path, "--max_train_steps", "2", "--checkpointing_steps", "1",
                   "--resume_from_checkpoint", "latest"))
-    for name in ("unet", "target_unet", "ema_unet"):
-        resumed = load_file(tmp_path / "checkpoints" / "checkpoint-2" / f"{name}.safetensors")
-        straight = load_file(student_dir / "checkpoints" / "checkpoint-2" / f"{name}.safetensors")
-        assert all(torch.equal(v, straight[k]) for k, v in resumed.items()), name
+    resumed = load_checkpoint_weights(str(tmp_path / "checkpoints" / "checkpoint-2"))
+    straight = load_checkpoint_weights(str(student_dir / "checkpoints" / "checkpoint-2"))
+    assert set(resumed) == {"unet", "target_unet", "ema_unet"}
+    for name in resumed:
+        assert all(torch.equal(v, straight[name][k]) for k, v in resumed[name].items()), name
 
 
 def test_bad_teacher_folders_are_refused(teacher_dir, student_dir, tmp_path):
@@ -135,16 +143,19 @@ def test_lpips_without_weights_stops_before_training(teacher_dir, tmp_path, monk
     assert not out.exists()
 
 
-def test_divergence_stops_and_keeps_the_last_good_checkpoint(teacher_dir, tmp_path):
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(teacher_dir, tmp_path, capsys):
+    # Warm-up: step 1 runs at learning rate 0 (checkpoint-1 is good), step 2 at 3e29 blows the student up.
     args = _args(teacher_dir, tmp_path, "--max_train_steps", "3", "--checkpointing_steps", "1",
-                 "--learning_rate", "1e30")
+                 "--learning_rate", "1e30", "--lr_warmup_steps", "3")
     args[args.index("--num_validation_images") + 1] = "0"
-    with pytest.raises(FloatingPointError, match="diverged") as info:
-        distill(args)
-    checkpoints = sorted((tmp_path / "checkpoints").glob("checkpoint-*"))
-    assert checkpoints and str(checkpoints[-1]) in str(info.value)
-    weights = load_file(checkpoints[-1] / "unet.safetensors")
-    assert all(bool(torch.isfinite(v).all()) for v in weights.values())
+    assert run_cli(lambda a: distill(args), lambda argv: None) == 1  # the script's exit status, no traceback
+    message = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
+    assert message.startswith("error: ") and "diverged" in message, message
+    good = tmp_path / "checkpoints" / "checkpoint-1"
+    assert f"the last good checkpoint is {good}" in message
+    assert resolve_checkpoint(str(tmp_path), "latest") == str(good)
+    weights = load_checkpoint_weights(str(good))
+    assert all(bool(torch.isfinite(v).all()) for state in weights.values() for v in state.values())
     assert not (tmp_path / "model_index.json").exists()
 
 

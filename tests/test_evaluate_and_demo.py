@@ -6,8 +6,10 @@ import torch
 from conftest import tiny_unet
 from diffusers_memdistill.cli import main as cli_main
 from diffusers_memdistill.data import build_training_set
-from diffusers_memdistill.evaluate import evaluate, shared_noise
+from diffusers_memdistill.evaluate import ModelRun, evaluate, generate, shared_labels, shared_noise, stream_seeds
+from diffusers_memdistill.pipelines.pipeline_consistency import ConsistencyStudentPipeline
 from diffusers_memdistill.pipelines.pipeline_edm import EDMPipeline
+from diffusers_memdistill.schedulers.scheduling_consistency import ConsistencyStudentScheduler
 from diffusers_memdistill.schedulers.scheduling_edm_heun import EDMHeunScheduler
 
 
@@ -23,8 +25,53 @@ def copying_model(tmp_path_factory):
 
 def test_shared_noise_is_per_sample():
     a = shared_noise(5, (1, 4, 4), seed=3)
-    b = shared_noise(2, (1, 4, 4), seed=6)
-    torch.testing.assert_close(a[3:], b)
+    b = shared_noise(2, (1, 4, 4), seed=3, first_index=3)
+    assert torch.equal(a[3:], b)
+    # Seed s + 1 is not sample i + 1 of seed s (before, sample i of seed s was sample 0 of seed s + i).
+    assert not torch.equal(shared_noise(1, (1, 4, 4), seed=4)[0], a[1])
+    # The documented derivation, reproducible with numpy and torch alone.
+    import numpy as np
+
+    expected = int(np.random.SeedSequence([3, 4, 0]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+    assert int(stream_seeds(3, [4], 0)[0]) == expected
+    assert torch.equal(a[4], torch.randn((1, 4, 4), generator=torch.Generator().manual_seed(expected)))
+    labels = shared_labels(200, 10, seed=3)
+    assert torch.equal(labels[150:], shared_labels(50, 10, seed=3, first_index=150))
+    assert set(labels.tolist()) == set(range(10))
+    with pytest.raises(ValueError, match="non-negative"):
+        shared_noise(1, (1, 4, 4), seed=-1)
+
+
+def test_two_step_student_injects_noise_independent_of_its_starting_noise(monkeypatch):
+    # Before, both came from generators seeded seed + i: the second step re-added the sample's own starting noise.
+    from diffusers_memdistill.schedulers import scheduling_consistency
+
+    injected = []
+
+    def recording_randn(*args, **kwargs):
+        out = randn_tensor(*args, **kwargs)
+        injected.append(out.clone())
+        return out
+
+    randn_tensor = scheduling_consistency.randn_tensor
+    monkeypatch.setattr(scheduling_consistency, "randn_tensor", recording_randn)
+    pipe = ConsistencyStudentPipeline(tiny_unet(), ConsistencyStudentScheduler())
+    run = ModelRun("student (2-step)", "unused", pipe, "student", 2)
+    noise = shared_noise(12, (1, 8, 8), seed=0)
+    by_5 = generate(run, noise, None, batch_size=5, device="cpu", seed=0)
+    first = torch.cat(injected)
+    injected.clear()
+    by_12 = generate(run, noise, None, batch_size=12, device="cpu", seed=0)
+    assert torch.equal(torch.cat(injected), first)  # the same draws whatever the batch size
+    torch.testing.assert_close(by_5, by_12, atol=1e-5, rtol=0)
+    assert first.shape == noise.shape
+    assert not torch.equal(first, noise)
+    # 768 independent pairs of standard normals: |correlation| is about 1/sqrt(768) = 0.036; identical noise gives 1.
+    corr = torch.corrcoef(torch.stack([first.flatten(), noise.flatten()]))[0, 1]
+    assert abs(float(corr)) < 0.15
+    # Each sample's injected noise is stream 1 of its index.
+    seed_7 = int(stream_seeds(0, [7], 1)[0])
+    assert torch.equal(first[7], torch.randn((1, 8, 8), generator=torch.Generator().manual_seed(seed_7)))
 
 
 def test_evaluate_flags_exact_copies_and_reports_missing_weights(copying_model, tmp_path, monkeypatch):
@@ -87,3 +134,22 @@ def test_cli_help_lists_the_commands(capsys):
     text = capsys.readouterr().out
     assert all(c in text for c in ("demo", "evaluate", "theory", "bundle"))
     assert cli_main(["bundle", "--check", "--output_dir", str(__import__("conftest").REPO / "pipelines")]) == 0
+
+
+def test_evaluate_takes_a_hub_id_through_its_local_snapshot(copying_model, tmp_path, monkeypatch):
+    """`--model user/name` reads the pipeline and its training-set record from the Hub snapshot (the download is
+    faked at the huggingface_hub boundary); a path that does not exist is not mistaken for a Hub id."""
+    import huggingface_hub
+
+    asked = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        asked.append(repo_id)
+        return str(copying_model)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    results = evaluate(["someone/copier"], str(tmp_path / "ev"), num_samples=4, metrics=("l2",), floor=False)
+    assert asked == ["someone/copier"] and list(results["models"]) == ["copier"]
+    assert results["models"]["copier"]["l2"]["num_valid"] == 4
+    with pytest.raises(FileNotFoundError, match="neither a saved pipeline folder nor a Hub id"):
+        evaluate([str(tmp_path / "absent" / "folder")], str(tmp_path / "ev2"), num_samples=4)

@@ -42,7 +42,7 @@ def tiny_run(tmp_path_factory):
     (student / "checkpoints").mkdir()
     (student / "checkpoints" / "optimizers.pt").write_bytes(b"not uploaded")
     evaluate([str(teacher), str(student)], str(root / "report"), num_samples=8, metrics=("l2", "fd_pixel", "pairing"),
-             batch_size=8, student_steps=(1, 2), device="cpu", names=["teacher", "student"])
+             batch_size=8, student_steps=(1, 2), device="cpu", names=["teacher", "student"], floor=False)
     return root
 
 
@@ -82,7 +82,8 @@ def test_student_card_reports_the_real_metrics_field_by_field(tiny_run):
     first = next(r for r in eval_results if r.metric_type == "memorization_l2_ratio")
     assert first.metric_args == {"num_samples": 8, "steps": 1, "seed": 0, "threshold": pytest.approx(1 / 3)}
     assert first.dataset_type == "digits" and first.dataset_split == "train"
-    assert first.dataset_args == {"sha256": results["models"]["student (1-step)"]["training_set"]["sha256"]}
+    training_sha256 = results["training_sets"][results["models"]["student (1-step)"]["training_set"]]["sha256"]
+    assert first.dataset_args == {"sha256": training_sha256}
     assert "teacher" not in {r.metric_config for r in eval_results}
     # The table: this model's rows and its teacher's, with the numbers of metrics.json.
     text = card.content
@@ -96,7 +97,7 @@ def test_student_card_reports_the_real_metrics_field_by_field(tiny_run):
     assert "Not measured for this model: FID, SSCD copy detection." in text
     assert "Not evaluated" not in text
     # Provenance: training set, command (token redacted), resolved config, sampling settings, lineage.
-    assert results["models"]["student (1-step)"]["training_set"]["sha256"] in text and "| num_images | 20 |" in text
+    assert training_sha256 in text and "| num_images | 20 |" in text
     assert "--hub_token '<redacted>'" in text and '"hub_token": "<redacted>"' in text and TOKEN not in text
     assert '"num_scales": 18' in text and "| `sigma_max` | 80.0 |" in text
     assert f"the local folder `{tiny_run / 'teacher'}`" in text and "ab" * 32 in text

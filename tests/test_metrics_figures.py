@@ -34,3 +34,16 @@ def test_figures_are_written(tmp_path):
     plot_copying_diagnostics(diag.delta, diag.mean_train_distance, path=tmp_path / "delta.png")
     for name in ("ratio", "sscd", "grid", "pca", "heatmap", "delta"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
+
+
+def test_near_duplicate_figure_shows_each_pair(tmp_path):
+    from diffusers_memdistill.metrics import pixel_near_duplicates
+    from diffusers_memdistill.metrics.figures import plot_near_duplicates
+
+    g = torch.Generator().manual_seed(1)
+    train = torch.rand(12, 1, 8, 8, generator=g)
+    train[9] = train[2]
+    dup = pixel_near_duplicates(train)
+    fig = plot_near_duplicates(train, dup.pairs, dup.scores, path=tmp_path / "dup.png")
+    assert [ax.get_title() for ax in fig.axes] == ["#2  score 0.000", "#9"]
+    assert (tmp_path / "dup.png").stat().st_size > 1000

@@ -104,3 +104,61 @@ def test_sscd_similarity_statistics():
     assert result.fraction_memorized == pytest.approx((exp_valid > 0.5).sum() / 29)
     assert result.groups["a"].num_memorized == 3
     assert sum(s.num_samples for s in result.groups.values()) == 30
+
+
+def test_uint8_samples_are_converted_and_minus_one_to_one_is_refused(train_images):
+    # Before: [-1, 1] samples against [0, 1] training images scored 0% memorized without a word.
+    copies = train_images[:4]
+    with pytest.raises(ValueError, match=r"pixel memorization metrics \(`samples`\) take float images in \[0, 1\].*\(x \+ 1\) / 2"):
+        pixel_memorization(copies * 2 - 1, train_images)
+    with pytest.raises(ValueError, match="divided by 255"):
+        pixel_memorization(copies * 255, train_images)
+    with pytest.raises(TypeError, match="uint8 or floating point"):
+        pixel_memorization(copies.long(), train_images)
+    as_uint8 = (train_images * 255).round().to(torch.uint8)
+    from_uint8 = pixel_memorization(as_uint8[:4], as_uint8)
+    from_float = pixel_memorization(as_uint8[:4].float() / 255, as_uint8.float() / 255)
+    assert from_uint8.fraction_memorized == 1.0
+    torch.testing.assert_close(from_uint8.ratios, from_float.ratios, rtol=0, atol=0)
+    # NaN values are reported, not mistaken for an out-of-range scale.
+    with_nan = torch.cat([copies, torch.full((1, 1, 8, 8), math.nan)])
+    assert pixel_memorization(with_nan, train_images).num_nan == 1
+
+
+def test_pixel_near_duplicates_finds_planted_pairs_and_none_in_random_images(train_images):
+    from diffusers_memdistill.metrics import pixel_near_duplicates
+
+    assert pixel_near_duplicates(train_images).num_pairs == 0  # independent uniform images: r close to 1
+    g = torch.Generator().manual_seed(5)
+    planted = train_images.clone()
+    planted[40] = planted[3]  # an exact duplicate
+    planted[50] = (planted[7] + 0.01 * torch.randn(1, 8, 8, generator=g)).clamp(0, 1)  # a near-duplicate
+    result = pixel_near_duplicates(planted)
+    assert result.pairs.tolist() == [[3, 40], [7, 50]]
+    assert result.scores[0] == 0 and 0 < result.scores[1] < 1 / 3
+    assert result.num_flagged == 4 and result.flagged[[3, 40, 7, 50]].all()
+    # The ratio of image 50 is exactly the one a copy of it would get against the set without it.
+    others = torch.cat([planted[:50], planted[51:]])
+    alone = pixel_memorization(planted[50:51], others, deduplicate=False)
+    assert float(result.image_scores[50]) == pytest.approx(float(alone.ratios[0]), rel=1e-6)
+    summary = result.to_dict(num_listed=1, sources=[f"digits:{i}" for i in range(64)])
+    assert summary["num_pairs"] == 2 and summary["pairs"] == [
+        {"i": 3, "j": 40, "score": 0.0, "source_i": "digits:3", "source_j": "digits:40"}]
+    # Three identical images: each is flagged (its two nearest others are the copies, wherever ties put itself);
+    # a pair joins an image to its nearest other image, the lowest index among equals.
+    triple = pixel_near_duplicates(torch.cat([train_images[:10], train_images[2:3].repeat(2, 1, 1, 1)]))
+    assert triple.num_flagged == 3 and triple.pairs.tolist() == [[2, 10], [2, 11]]
+
+
+def test_sscd_near_duplicates_finds_planted_pairs_and_none_in_random_descriptors():
+    from diffusers_memdistill.metrics import sscd_near_duplicates
+
+    g = torch.Generator().manual_seed(4)
+    feats = F.normalize(torch.randn(100, 64, generator=g), dim=1)
+    # Independent directions in 64 dimensions: cosine similarities of order 1/8, far below 0.5.
+    assert sscd_near_duplicates(feats).num_pairs == 0
+    feats[60] = F.normalize(feats[10] + 0.3 * F.normalize(torch.randn(64, generator=g), dim=0), dim=0)
+    result = sscd_near_duplicates(feats)
+    expected = float(feats[10] @ feats[60])
+    assert result.pairs.tolist() == [[10, 60]] and result.scores[0] == pytest.approx(expected, abs=1e-6)
+    assert sscd_near_duplicates(feats, threshold=expected + 1e-3).num_pairs == 0

@@ -9,40 +9,17 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import time
-from pathlib import Path
 
-# The configuration of the demo: at this size the teacher memorizes its 32 images almost completely.
-TEACHER_ARGS = ["--dataset", "digits", "--resolution", "8", "--num_train_images", "32", "--model_preset", "tiny",
+# The configuration of the demo: at this size the teacher memorizes its 32 images almost completely. Both models
+# keep the scripts' default EMA of the saved weights (EDM2's power function, sigma_rel = 0.05).
+TEACHER_ARGS = ["--dataset_name", "digits", "--resolution", "8", "--num_train_images", "32", "--model_preset", "tiny",
                 "--train_batch_size", "64", "--learning_rate", "2e-3", "--lr_warmup_steps", "100",
-                "--ema_decay", "0.995", "--num_validation_images", "16"]
-STUDENT_ARGS = ["--loss", "pseudo_huber", "--train_batch_size", "64", "--ema_decay", "0.995",
                 "--num_validation_images", "16"]
+STUDENT_ARGS = ["--loss", "pseudo_huber", "--train_batch_size", "64", "--num_validation_images", "16"]
 FULL = {"teacher_steps": 2000, "student_steps": 1000, "num_samples": 512}
 QUICK = {"teacher_steps": 60, "student_steps": 20, "num_samples": 32}
-
-
-def _script(name: str):
-    path = Path(__file__).resolve().parents[2] / "training_scripts" / f"{name}.py"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"memdistill demo runs the training scripts of the repository checkout and cannot find {path}; "
-            "install the project from its checkout with `pip install -e .`."
-        )
-    spec = importlib.util.spec_from_file_location(f"memdistill_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,19 +41,21 @@ def main(args) -> int:
     common = ["--seed", str(args.seed), "--report_to", "none"] + overwrite
     start = time.time()
 
+    # The training scripts' own functions (training_scripts/*.py are thin wrappers over them).
+    from .training import distill_consistency, train_edm_teacher
+    from .training.runner import reset_accelerate_state
+
     print(f"[1/3] Training an EDM teacher on 32 digits ({cfg['teacher_steps']} steps) -> {teacher_dir}")
-    teacher = _script("train_edm_teacher")
-    teacher.main(teacher.parse_args(TEACHER_ARGS + common + [
+    train_edm_teacher.main(train_edm_teacher.parse_args(TEACHER_ARGS + common + [
         "--max_train_steps", str(cfg["teacher_steps"]), "--checkpointing_steps", str(cfg["teacher_steps"] // 2),
         "--output_dir", teacher_dir]))
-    _reset_accelerate()
+    reset_accelerate_state()
 
     print(f"[2/3] Distilling a consistency student ({cfg['student_steps']} steps) -> {student_dir}")
-    student = _script("distill_consistency")
-    student.main(student.parse_args(STUDENT_ARGS + common + [
-        "--teacher", teacher_dir, "--max_train_steps", str(cfg["student_steps"]),
+    distill_consistency.main(distill_consistency.parse_args(STUDENT_ARGS + common + [
+        "--pretrained_model_name_or_path", teacher_dir, "--max_train_steps", str(cfg["student_steps"]),
         "--checkpointing_steps", str(max(1, cfg["student_steps"] // 2)), "--output_dir", student_dir]))
-    _reset_accelerate()
+    reset_accelerate_state()
 
     print(f"[3/3] Evaluating teacher and student on {cfg['num_samples']} shared-noise samples -> {report_dir}")
     from .evaluate import evaluate, render_report

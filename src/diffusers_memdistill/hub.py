@@ -27,6 +27,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .utils.redact import redact_config
+
 TEMPLATES_DIR = Path(__file__).resolve().parent / "model_card_templates"
 
 # The licence of what this project trains from scratch (pyproject.toml); a model derived from another inherits its.
@@ -41,9 +43,6 @@ DEFAULT_WARNING_THRESHOLD = 0.01
 
 # Weight formats that can carry pickled code: never uploaded.
 PICKLE_EXTENSIONS = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
-# Training-config keys whose values are secrets (``--hub_token``) and command-line flags that take one.
-_SECRET_KEY = re.compile(r"token|secret|password|api_key", re.IGNORECASE)
-_REDACTED = "<redacted>"
 # Keys of training_config.json that hold the command line rather than the resolved configuration.
 _COMMAND_KEYS = ("command", "argv", "command_line")
 # Keys of training_config.json that name the model a run started from, most specific first.
@@ -183,32 +182,6 @@ def inspect_model_folder(model_dir: str, kind: str | None = None) -> ModelFolder
 
 # ---------------------------------------------------------------------------------------------------------------
 # Secrets.
-
-
-def redact_config(config):
-    """A copy of a training config with the values of secret keys (``hub_token``...) and flags replaced."""
-    if isinstance(config, dict):
-        return {k: (_REDACTED if _SECRET_KEY.search(str(k)) and v not in (None, "", False) else redact_config(v))
-                for k, v in config.items()}
-    if isinstance(config, list):
-        return _redact_argv([redact_config(v) for v in config])
-    return config
-
-
-def _redact_argv(argv: list) -> list:
-    out, hide_next = [], False
-    for item in argv:
-        if hide_next:
-            out.append(_REDACTED)
-            hide_next = False
-            continue
-        if isinstance(item, str) and item.startswith("--") and _SECRET_KEY.search(item):
-            if "=" in item:
-                item = item.split("=", 1)[0] + "=" + _REDACTED
-            else:
-                hide_next = True
-        out.append(item)
-    return out
 
 
 def _known_tokens(token: str | None) -> list:

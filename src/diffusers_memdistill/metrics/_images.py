@@ -18,20 +18,21 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 RANGE_TOLERANCE = 1e-3
 
 
-def check_image_range(images: torch.Tensor) -> None:
-    """Raises `ValueError` unless the finite values of float `images` lie in [0, 1] (within `RANGE_TOLERANCE`)."""
+def check_image_range(images: torch.Tensor, consumer: str = "Feature extractors") -> None:
+    """Raises `ValueError` unless the finite values of float `images` lie in [0, 1] (within `RANGE_TOLERANCE`);
+    the message names `consumer`, what takes the images."""
     finite = images[torch.isfinite(images)]  # NaN samples are reported by the metrics, not refused here
     if finite.numel() == 0:
         return
     low, high = (float(v) for v in torch.aminmax(finite))
     if low < -RANGE_TOLERANCE:
         raise ValueError(
-            f"Feature extractors take float images in [0, 1] (or uint8), got values down to {low:.4g}: images in "
+            f"{consumer} take float images in [0, 1] (or uint8), got values down to {low:.4g}: images in "
             "[-1, 1] must be mapped with (x + 1) / 2 first."
         )
     if high > 1 + RANGE_TOLERANCE:
         raise ValueError(
-            f"Feature extractors take float images in [0, 1] (or uint8), got values up to {high:.4g}: 8-bit values "
+            f"{consumer} take float images in [0, 1] (or uint8), got values up to {high:.4g}: 8-bit values "
             "stored as floats must be divided by 255 (or passed as a uint8 tensor)."
         )
 

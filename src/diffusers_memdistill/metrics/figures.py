@@ -117,6 +117,37 @@ def plot_memorized_grid(
     return _finish(fig, path)
 
 
+def plot_near_duplicates(
+    train_images: torch.Tensor,
+    pairs: torch.Tensor,
+    scores: torch.Tensor,
+    *,
+    num: int = 8,
+    path: str | os.PathLike | None = None,
+) -> Figure:
+    r"""
+    Near-duplicate pairs of a training set side by side (from [`pixel_near_duplicates`] or [`sscd_near_duplicates`]).
+
+    Args:
+        train_images (`torch.Tensor` of shape `(M, C, H, W)`): training images in [0, 1].
+        pairs (`torch.Tensor` of shape `(P, 2)`): index pairs, most similar first.
+        scores (`torch.Tensor` of shape `(P,)`): the pairs' ratios or similarities.
+        num (`int`, defaults to 8): pairs to show.
+        path (`str`, *optional*): where to save.
+    """
+    shown = torch.as_tensor(pairs)[:num].tolist()
+    rows = max(1, len(shown))
+    fig = _new_figure(3.2, 1.6 * rows)
+    cmap = "gray" if train_images.shape[1] == 1 else None
+    for r, ((i, j), score) in enumerate(zip(shown, torch.as_tensor(scores)[:num].tolist())):
+        for c, k in enumerate((i, j)):
+            ax = fig.add_subplot(rows, 2, 2 * r + c + 1)
+            ax.imshow(_to_display(train_images[k][None])[0], cmap=cmap, vmin=0, vmax=1)
+            ax.set_title(f"#{k}" + (f"  score {score:.3f}" if c == 0 else ""), fontsize=7)
+            ax.axis("off")
+    return _finish(fig, path)
+
+
 def plot_pairing_pca(
     teacher_multistep: torch.Tensor,
     teacher_onestep: torch.Tensor,
@@ -181,6 +212,7 @@ __all__ = [
     "plot_copying_diagnostics",
     "plot_distance_heatmap",
     "plot_memorized_grid",
+    "plot_near_duplicates",
     "plot_pairing_pca",
     "plot_ratio_histograms",
     "plot_similarity_histograms",

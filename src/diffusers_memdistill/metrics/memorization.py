@@ -3,6 +3,12 @@
 Both are functions of tensors: images for the pixel ratio, descriptors for the similarity. Samples with non-finite
 values are never dropped silently: they get a NaN score, are flagged in ``nan_mask``, counted in ``num_nan`` and
 excluded from the fractions and quantiles, whose denominator ``num_valid`` is reported beside them.
+
+Images are float tensors in [0, 1] or uint8 tensors (divided by 255). Float images with values outside [0, 1]
+(e.g. a model's [-1, 1] output) are refused: compared with [0, 1] training images they would silently score 0%.
+
+The same criteria applied to the training set against itself list its near-duplicates
+([`pixel_near_duplicates`], [`sscd_near_duplicates`]): the pairs that let one sample match two training images.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ._images import check_image_range
 from .nn_search import knn_search, unique_rows
 
 
@@ -102,6 +109,27 @@ def _resolve_groups(sample_groups, train_groups, nn_index, num_samples, num_trai
     return _labels_of_neighbours(train_groups, nn_index, num_train)
 
 
+def as_unit_range_images(images: torch.Tensor, name: str = "images") -> torch.Tensor:
+    r"""
+    Images on the [0, 1] scale the pixel metrics compare: uint8 is divided by 255, float is checked.
+
+    Args:
+        images (`torch.Tensor`): uint8 in [0, 255] or float in [0, 1]; NaN values are allowed (reported later).
+        name (`str`): the argument's name, for the error message.
+
+    Raises:
+        `TypeError`: neither uint8 nor floating point. `ValueError`: float values outside [0, 1], e.g. [-1, 1].
+    """
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(images).__name__}.")
+    if images.dtype == torch.uint8:
+        return images.float() / 255.0
+    if not images.is_floating_point():
+        raise TypeError(f"`{name}` must be uint8 or floating point in [0, 1], got {images.dtype}.")
+    check_image_range(images, consumer=f"The pixel memorization metrics (`{name}`)")
+    return images
+
+
 def memorization_ratio(nn_distances: torch.Tensor) -> torch.Tensor:
     r"""
     r(y) = ‖y − x¹(y)‖ / ‖y − x²(y)‖ from the distances to the first two neighbours (003 §4.1.2; Yoon et al. 2023).
@@ -182,10 +210,9 @@ def pixel_memorization(
 
     Args:
         samples (`torch.Tensor` of shape `(N, C, H, W)`):
-            Generated images, on the same scale as `train_images` (the ratio is scale invariant, but both sets must
-            share one scale).
+            Generated images, float in [0, 1] or uint8 (see [`as_unit_range_images`]; [-1, 1] input is refused).
         train_images (`torch.Tensor` of shape `(M, C, H, W)`):
-            The exact training set the model was trained on, M ≥ 2.
+            The exact training set the model was trained on, M ≥ 2, float in [0, 1] or uint8.
         threshold (`float`, defaults to 1/3):
             Memorized when r(y) < threshold.
         train_groups (sequence of length M, *optional*):
@@ -205,6 +232,8 @@ def pixel_memorization(
     Returns:
         [`PixelMemorizationResult`]
     """
+    samples = as_unit_range_images(samples, "samples")
+    train_images = as_unit_range_images(train_images, "train_images")
     if samples.shape[1:] != train_images.shape[1:]:
         raise ValueError(
             f"Samples have shape {tuple(samples.shape[1:])} per image but the training images have "
@@ -349,3 +378,140 @@ def sscd_memorization(
         overall=summarize_scores(sims, memorized, percentile),
         groups=_group_stats(sims, memorized, labels, percentile),
     )
+
+
+@dataclass
+class NearDuplicateResult:
+    r"""
+    Output of [`pixel_near_duplicates`] and [`sscd_near_duplicates`]: training images whose nearest *other*
+    training image is a copy by the memorization criterion itself.
+
+    Args:
+        pairs (`torch.Tensor` of shape `(P, 2)`, int64): distinct unordered pairs ``(i, j)``, ``i < j``, where j is
+            the nearest other image of i (or i of j) and the criterion holds; most similar first.
+        scores (`torch.Tensor` of shape `(P,)`): the pair's score: the ratio r (``"l2"``, lower is closer; the
+            smaller of the two directions) or the cosine similarity (``"sscd"``).
+        flagged (`torch.Tensor` of shape `(M,)`, bool): images whose nearest other image meets the criterion.
+        nearest (`torch.Tensor` of shape `(M,)`, int64): each image's nearest other image.
+        image_scores (`torch.Tensor` of shape `(M,)`): each image's score against the rest of the set.
+        metric (`str`): ``"l2"`` or ``"sscd"``.
+        threshold (`float`): ratio below which (``"l2"``) or similarity above which (``"sscd"``) a pair is listed.
+    """
+
+    pairs: torch.Tensor
+    scores: torch.Tensor
+    flagged: torch.Tensor
+    nearest: torch.Tensor
+    image_scores: torch.Tensor
+    metric: str
+    threshold: float
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.pairs.shape[0])
+
+    @property
+    def num_images(self) -> int:
+        return int(self.flagged.numel())
+
+    @property
+    def num_flagged(self) -> int:
+        return int(self.flagged.sum())
+
+    def to_dict(self, num_listed: int = 10, sources: Sequence[str] | None = None) -> dict[str, Any]:
+        """JSON-ready summary: counts and the first `num_listed` pairs, with the images' `sources` when given."""
+        listed = []
+        for (i, j), score in zip(self.pairs[:num_listed].tolist(), self.scores[:num_listed].tolist()):
+            entry = {"i": i, "j": j, "score": score}
+            if sources is not None:
+                entry["source_i"], entry["source_j"] = str(sources[i]), str(sources[j])
+            listed.append(entry)
+        return {
+            "metric": self.metric,
+            "threshold": self.threshold,
+            "num_images": self.num_images,
+            "num_images_flagged": self.num_flagged,
+            "num_pairs": self.num_pairs,
+            "pairs": listed,
+        }
+
+
+def _nearest_others(knn_values: torch.Tensor, knn_indices: torch.Tensor, count: int):
+    """Drops each row's own index from a self-search (wherever ties put it) and keeps the first `count` others."""
+    own = torch.arange(knn_indices.shape[0])[:, None]
+    is_self = knn_indices == own
+    # Stable sort on the "is self" flag moves the others to the front in their search order.
+    order = torch.argsort(is_self.to(torch.int8), dim=1, stable=True)[:, :count]
+    return knn_values.gather(1, order), knn_indices.gather(1, order)
+
+
+def _pairs_of(nearest: torch.Tensor, image_scores: torch.Tensor, flagged: torch.Tensor, lower_is_closer: bool):
+    best: dict[tuple[int, int], float] = {}
+    for i in flagged.nonzero().squeeze(1).tolist():
+        j = int(nearest[i])
+        key, score = (min(i, j), max(i, j)), float(image_scores[i])
+        if key not in best or (score < best[key] if lower_is_closer else score > best[key]):
+            best[key] = score
+    # Most similar first, then by indices (a deterministic order for the report).
+    items = sorted(best.items(), key=lambda kv: ((kv[1] if lower_is_closer else -kv[1]), kv[0]))
+    pairs = torch.tensor([k for k, _ in items], dtype=torch.long).reshape(-1, 2)
+    scores = torch.tensor([v for _, v in items], dtype=torch.float64)
+    return pairs, scores
+
+
+def pixel_near_duplicates(
+    train_images: torch.Tensor, *, threshold: float = 1.0 / 3.0, **search_kwargs
+) -> NearDuplicateResult:
+    r"""
+    Near-duplicates of a training set under the pixel criterion of [`pixel_memorization`]: image x is flagged when
+    ‖x − NN₁(x)‖ / ‖x − NN₂(x)‖ < `threshold`, its two nearest neighbours taken among the *other* training images.
+    A sample copying x then lies close to NN₁(x) as well: this is why it can match two training images.
+
+    Exact duplicates (distance 0) are listed too (ratio 0); [`pixel_memorization`] merges them before scoring.
+
+    Args:
+        train_images (`torch.Tensor` of shape `(M, C, H, W)`): M ≥ 3 images, float in [0, 1] or uint8.
+        threshold (`float`, defaults to 1/3): the memorization threshold on the ratio.
+        **search_kwargs: passed to [`knn_search`].
+
+    Returns:
+        [`NearDuplicateResult`] with ``metric="l2"``.
+    """
+    train_images = as_unit_range_images(train_images, "train_images")
+    if train_images.shape[0] < 3:
+        raise ValueError(f"Near-duplicates by the ratio need at least 3 training images, got {train_images.shape[0]}.")
+    if not bool(torch.isfinite(train_images).all()):
+        raise ValueError("The training images have non-finite values.")
+    knn = knn_search(train_images, train_images, k=3, metric="l2", **search_kwargs)
+    distances, indices = _nearest_others(knn.values.cpu(), knn.indices.cpu(), 2)
+    ratios = memorization_ratio(distances).double()
+    flagged = ratios < threshold
+    pairs, scores = _pairs_of(indices[:, 0], ratios, flagged, lower_is_closer=True)
+    return NearDuplicateResult(pairs, scores, flagged, indices[:, 0].clone(), ratios, "l2", float(threshold))
+
+
+def sscd_near_duplicates(
+    train_features: torch.Tensor, *, threshold: float = 0.5, **search_kwargs
+) -> NearDuplicateResult:
+    r"""
+    Near-duplicates of a training set under the criterion of [`sscd_memorization`]: image x is flagged when the
+    cosine similarity of its descriptor to the most similar *other* training image exceeds `threshold`.
+
+    Args:
+        train_features (`torch.Tensor` of shape `(M, D)`): M ≥ 2 descriptors of the training images.
+        threshold (`float`, defaults to 0.5): the copy threshold on the similarity.
+        **search_kwargs: passed to [`knn_search`].
+
+    Returns:
+        [`NearDuplicateResult`] with ``metric="sscd"``.
+    """
+    if train_features.ndim != 2 or train_features.shape[0] < 2:
+        raise ValueError(f"Expected an (M, D) descriptor matrix with M >= 2, got {tuple(train_features.shape)}.")
+    if not bool(torch.isfinite(train_features).all()):
+        raise ValueError("The training descriptors have non-finite values.")
+    knn = knn_search(train_features, train_features, k=2, metric="cosine", **search_kwargs)
+    sims, indices = _nearest_others(knn.values.cpu(), knn.indices.cpu(), 1)
+    sims = sims[:, 0].double()
+    flagged = sims > threshold
+    pairs, scores = _pairs_of(indices[:, 0], sims, flagged, lower_is_closer=False)
+    return NearDuplicateResult(pairs, scores, flagged, indices[:, 0].clone(), sims, "sscd", float(threshold))

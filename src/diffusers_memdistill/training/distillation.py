@@ -13,12 +13,38 @@ from ..pipelines.pipeline_edm import EDMPipeline
 from ..utils.hashing import file_sha256  # re-exported: the training scripts import it from here
 
 
-def load_edm_teacher(folder: str, dataset: str | None = None):
+def resolve_pretrained(name_or_path: str, revision: str | None = None, variant: str | None = None) -> str:
+    """A local folder for ``--pretrained_model_name_or_path``: the folder itself, or the Hub snapshot of a repository
+    id (``revision`` and ``variant`` as in diffusers' ``from_pretrained``).
+
+    Raises:
+        FileNotFoundError: neither a folder nor a repository that can be downloaded (or found in the cache offline).
+    """
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    from diffusers import DiffusionPipeline
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        raise FileNotFoundError(f"Teacher folder {name_or_path} does not exist.") from None
+
+    try:
+        return DiffusionPipeline.download(name_or_path, revision=revision, variant=variant)
+    except Exception as exc:  # the hub raises many types (offline, not found, gated)
+        raise FileNotFoundError(
+            f"Teacher {name_or_path} is not a local folder and could not be fetched from the Hub ({exc})."
+        ) from exc
+
+
+def load_edm_teacher(folder: str, dataset: str | None = None, *, variant: str | None = None):
     """Load an EDM teacher saved by ``train_edm_teacher.py`` and rebuild the exact set it was trained on.
 
     Args:
         folder (`str`): the teacher's output folder.
         dataset (`str`, *optional*): where the training data lives now, if it moved since the teacher was trained.
+        variant (`str`, *optional*): weight-file variant of the UNet (``diffusion_pytorch_model.<variant>...``).
 
     Returns:
         `(EDMPipeline, TrainingSet)`.
@@ -38,7 +64,7 @@ def load_edm_teacher(folder: str, dataset: str | None = None):
     saved_class = saved_class[1] if isinstance(saved_class, (list, tuple)) else saved_class
     if saved_class != EDMPipeline.__name__:
         raise ValueError(f"{folder} is not an EDM teacher pipeline folder: it holds a {saved_class} ({hint}).")
-    pipeline = EDMPipeline.from_pretrained(folder)
+    pipeline = EDMPipeline.from_pretrained(folder, **({"variant": variant} if variant else {}))
     try:
         training_set = load_training_set(folder, dataset)
     except FileNotFoundError as exc:

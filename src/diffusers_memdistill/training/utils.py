@@ -1,5 +1,5 @@
-"""Helpers shared by the training scripts: EMA, deterministic per-step randomness, atomic checkpoints, and the
-guards that keep a finished model from being overwritten.
+"""Helpers of the training runner: the Accelerator, deterministic per-step randomness and batches, checkpoint
+folders, and files written so that a crash never leaves a half-written one where a reader would take it.
 
 Randomness is a pure function of ``(seed, step, process)``: batches and noise of step k are the same whether a run
 went through step k in one go or was resumed, so a resumed run ends with the weights of an uninterrupted one.
@@ -7,7 +7,6 @@ went through step k in one go or was resumed, so a resumed run ends with the wei
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -16,9 +15,9 @@ import time
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_STATE = "state.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -32,70 +31,55 @@ def use_cpu(requested: bool) -> bool:
     return requested or (world_size > 1 and not torch.cuda.is_available())
 
 
-def make_accelerator(args):
-    """The scripts' Accelerator: CPU when asked or when needed (`use_cpu`), mixed precision, trackers logging to
-    ``output_dir/logs``; TF32 matmuls when ``args.allow_tf32``."""
+def make_accelerator(args, log_with=None):
+    """The runner's Accelerator: CPU when asked or when needed (`use_cpu`), mixed precision, gradient accumulation,
+    trackers (``--report_to``, or the tracker objects ``log_with``) logging to ``output_dir/logging_dir``; TF32
+    matmuls and convolutions when ``args.allow_tf32``."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    if log_with is None:
+        log_with = None if args.report_to == "none" else args.report_to
     accelerator = Accelerator(
         cpu=use_cpu(args.cpu),
         mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=log_with,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                            logging_dir=os.path.join(args.output_dir, "logs")),
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
     )
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     return accelerator
 
 
 def init_trackers(accelerator, project_name: str, args) -> None:
     """Start the trackers with the run's scalar flags as its config (main process only)."""
-    config = {k: v for k, v in vars(args).items() if v is None or isinstance(v, (int, float, str, bool))}
+    from ..utils.redact import redact_config
+
+    config = {k: v for k, v in redact_config(vars(args)).items() if v is None or isinstance(v, (int, float, str, bool))}
     accelerator.init_trackers(project_name, config=config)
 
 
-def log_images(accelerator, tag: str, images: torch.Tensor, step: int) -> None:
-    """Log images in [0, 1] of shape (N, C, H, W) to the trackers that take images (tensorboard)."""
+def log_images(accelerator, images: dict, step: int) -> list:
+    """Send images in [0, 1] of shape (N, C, H, W), by tag, to every tracker that takes images (tensorboard, wandb,
+    and any other with accelerate's ``log_images``). Returns the names of the trackers that took them."""
+    arrays = {tag: [np.ascontiguousarray(image.squeeze(-1) if image.shape[-1] == 1 else image)
+                    for image in (x.float().nan_to_num(0.0).clamp(0, 1) * 255).round().to(torch.uint8)
+                    .permute(0, 2, 3, 1).cpu().numpy()]
+              for tag, x in images.items()}
+    took = []
     for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_images(tag, images, step)
-
-
-def warmup_lr_scheduler(optimizer, learning_rate: float, warmup_steps: int, first_step: int = 0):
-    """Linear warm-up over ``warmup_steps`` steps, positioned at ``first_step`` (0, or the step a run resumes at),
-    so that a resumed run uses the learning rates of an uninterrupted one."""
-    for group in optimizer.param_groups:
-        group.setdefault("initial_lr", learning_rate)
-    warmup = max(warmup_steps, 1)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warmup),
-                                             last_epoch=first_step - 1)
-
-
-# ---------------------------------------------------------------- EMA
-
-
-def make_ema(model: torch.nn.Module) -> torch.nn.Module:
-    """A frozen copy of ``model`` that `update_ema` moves towards it."""
-    ema = copy.deepcopy(model).eval()
-    ema.requires_grad_(False)
-    return ema
-
-
-@torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, parameters and floating buffers."""
-    ema_params = [p for p in ema.parameters()]
-    params = [p.detach().to(q.dtype) for p, q in zip(model.parameters(), ema_params)]
-    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-    for b_ema, b in zip(ema.buffers(), model.buffers()):
-        b_ema.copy_(b)
-
-
-def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
-    """The EMA decay at optimizer step ``step`` (0-based); with warm-up, min(decay, (1 + step) / (10 + step))."""
-    return min(decay, (1 + step) / (10 + step)) if warmup else decay
+        if tracker.name == "tensorboard":  # add_images wants one (N, C, H, W) array per tag
+            for tag, x in images.items():
+                tracker.writer.add_images(tag, x.float().nan_to_num(0.0).clamp(0, 1).cpu(), step)
+        elif hasattr(tracker, "log_images"):
+            tracker.log_images(arrays, step=step)
+        else:
+            continue
+        took.append(tracker.name)
+    return took
 
 
 # ---------------------------------------------------------------- randomness and batches
@@ -129,112 +113,87 @@ def batch_indices(step: int, batch_size: int, num_processes: int, process_index:
     return torch.from_numpy(out)
 
 
-# ---------------------------------------------------------------- output folder guards
-
-
-def prepare_output_dir(output_dir: str, resume: str | None, overwrite: bool, finished_marker: str = "model_index.json"):
-    """Refuse to silently overwrite: a finished model or existing checkpoints need ``resume`` or ``overwrite``."""
-    finished = os.path.isfile(os.path.join(output_dir, finished_marker))
-    checkpoints = list_checkpoints(output_dir)
-    if overwrite:
-        for entry in (CHECKPOINT_DIR, "samples", finished_marker, "unet", "scheduler", "logs"):
-            path = os.path.join(output_dir, entry)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.isfile(path):
-                os.remove(path)
-    elif resume is None and (finished or checkpoints):
-        what = "a finished model" if finished else f"{len(checkpoints)} checkpoint(s)"
-        raise FileExistsError(
-            f"{output_dir} already holds {what}. Pass --resume_from_checkpoint latest to continue that run, "
-            "or --overwrite_output_dir to start a new one there."
-        )
-    os.makedirs(output_dir, exist_ok=True)
-
-
-# ---------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------- checkpoint folders
 
 
 def list_checkpoints(output_dir: str) -> list:
-    """Complete checkpoints, oldest first, as (step, path). Half-written ones (temporary names) are never listed."""
+    """Complete checkpoints, oldest first, as (step, path). Half-written ones (temporary names) and checkpoints set
+    aside after a divergence (``checkpoint-N.diverged``) are never listed."""
     root = os.path.join(output_dir, CHECKPOINT_DIR)
     if not os.path.isdir(root):
         return []
     found = []
     for name in os.listdir(root):
         match = _CHECKPOINT_RE.match(name)
-        if match and os.path.isfile(os.path.join(root, name, "state.json")):
+        if match and os.path.isfile(os.path.join(root, name, CHECKPOINT_STATE)):
             found.append((int(match.group(1)), os.path.join(root, name)))
     return sorted(found)
 
 
 def resolve_checkpoint(output_dir: str, resume: str) -> str:
-    """``"latest"`` or a path to a checkpoint folder -> the folder."""
+    """``"latest"`` or a path to a checkpoint folder (or its name under ``output_dir/checkpoints``) -> the folder."""
     if resume == "latest":
         found = list_checkpoints(output_dir)
         if not found:
             raise FileNotFoundError(f"--resume_from_checkpoint latest: {output_dir} has no complete checkpoint.")
         return found[-1][1]
     path = resume if os.path.isdir(resume) else os.path.join(output_dir, CHECKPOINT_DIR, resume)
-    if not os.path.isfile(os.path.join(path, "state.json")):
-        raise FileNotFoundError(f"{resume} is not a complete checkpoint folder (no state.json).")
+    if not os.path.isfile(os.path.join(path, CHECKPOINT_STATE)):
+        raise FileNotFoundError(f"--resume_from_checkpoint {resume} is not a complete checkpoint folder (no "
+                                f"{CHECKPOINT_STATE}).")
     return path
 
 
-def save_checkpoint(
-    output_dir: str, step: int, models: dict, optimizers: dict, fingerprint: dict, extra: dict | None = None,
-    total_limit: int | None = None,
-) -> str:
-    """Write ``checkpoints/checkpoint-{step}`` atomically (main process only).
-
-    ``models``: name -> module (unwrapped), saved as safetensors; ``optimizers``: name -> object with
-    ``state_dict`` (optimizer, grad scaler), saved with ``torch.save`` and read back with ``weights_only=True``.
-    The folder is written under a temporary name and renamed when complete, so a killed run never leaves a
-    checkpoint that ``latest`` would pick up half-written.
-    """
-    root = os.path.join(output_dir, CHECKPOINT_DIR)
-    os.makedirs(root, exist_ok=True)
-    final = os.path.join(root, f"checkpoint-{step}")
-    tmp = os.path.join(root, f".tmp-checkpoint-{step}-{os.getpid()}-{time.time_ns()}")
-    os.makedirs(tmp)
-    for name, model in models.items():
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, os.path.join(tmp, f"{name}.safetensors"))
-    torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, os.path.join(tmp, "optimizers.pt"))
-    with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as f:
-        json.dump({"step": step, "fingerprint": fingerprint, **(extra or {})}, f, indent=1)
-    if os.path.exists(final):
-        stale = final + f".old-{time.time_ns()}"
-        os.replace(final, stale)
-        os.replace(tmp, final)
-        shutil.rmtree(stale)
-    else:
-        os.replace(tmp, final)
-    if total_limit is not None:
-        for _, path in list_checkpoints(output_dir)[:-total_limit]:
-            shutil.rmtree(path)
-    return final
+# ---------------------------------------------------------------- durable files
 
 
-def load_checkpoint(path: str, models: dict, optimizers: dict, fingerprint: dict) -> dict:
-    """Restore a checkpoint written by `save_checkpoint` into unwrapped ``models`` and ``optimizers``.
+def fsync_tree(path: str) -> None:
+    """Flush every file under ``path`` (or the file ``path``) and the folders holding them to the disk."""
+    if os.path.isfile(path):
+        _fsync_file(path)
+        return
+    for root, _, files in os.walk(path):
+        for name in files:
+            _fsync_file(os.path.join(root, name))
+        fsync_dir(root)
 
-    Raises:
-        ValueError: the checkpoint was written by a run of a different configuration (the differing keys are named).
-    """
-    with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
-        state = json.load(f)
-    saved = state["fingerprint"]
-    differing = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
-    if differing:
-        details = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {fingerprint.get(k)!r}" for k in differing)
-        raise ValueError(f"Cannot resume from {path}: it was written with a different configuration ({details}).")
-    for name, model in models.items():
-        model.load_state_dict(load_file(os.path.join(path, f"{name}.safetensors")))
-    saved_opts = torch.load(os.path.join(path, "optimizers.pt"), map_location="cpu", weights_only=True)
-    for name, opt in optimizers.items():
-        opt.load_state_dict(saved_opts[name])
-    return state
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    """Flush a folder's entries (a rename inside it) to the disk, where the platform allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json_atomically(path: str, data) -> str:
+    """Write JSON to ``path`` through a flushed temporary file and a rename: readers see the old or the new file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    return path
 
 
 def jsonable(value):
@@ -245,23 +204,29 @@ def jsonable(value):
 def save_pipeline_atomically(pipeline, output_dir: str, records: dict) -> None:
     """``pipeline.save_pretrained(output_dir)`` plus JSON ``records`` (file name -> dict), all or nothing.
 
-    Everything is written to a temporary folder first and moved into place with ``model_index.json`` last, the
-    marker of a finished model; the old marker is removed before anything is replaced.
+    Everything is written to a temporary folder and flushed to disk first, then moved into place with
+    ``model_index.json`` last, the marker of a finished model; the old marker is removed before anything is
+    replaced. The temporary folder is removed on every exit path.
     """
     tmp = os.path.join(output_dir, f".tmp-final-{os.getpid()}-{time.time_ns()}")
-    pipeline.save_pretrained(tmp)
-    for name, data in records.items():
-        with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-    marker = os.path.join(output_dir, "model_index.json")
-    if os.path.exists(marker):
-        os.remove(marker)
-    for entry in sorted(os.listdir(tmp), key=lambda e: e == "model_index.json"):
-        destination = os.path.join(output_dir, entry)
-        if os.path.isdir(destination):
-            shutil.rmtree(destination)
-        os.replace(os.path.join(tmp, entry), destination)
-    os.rmdir(tmp)
+    try:
+        pipeline.save_pretrained(tmp)
+        for name, data in records.items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=1)
+        fsync_tree(tmp)
+        marker = os.path.join(output_dir, "model_index.json")
+        if os.path.exists(marker):
+            os.remove(marker)
+            fsync_dir(output_dir)
+        for entry in sorted(os.listdir(tmp), key=lambda e: e == "model_index.json"):
+            destination = os.path.join(output_dir, entry)
+            if os.path.isdir(destination):
+                shutil.rmtree(destination)
+            os.replace(os.path.join(tmp, entry), destination)
+        fsync_dir(output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_image_grid(images: torch.Tensor, path: str, nrow: int | None = None, min_size: int = 32) -> str:
@@ -275,6 +240,11 @@ def save_image_grid(images: torch.Tensor, path: str, nrow: int | None = None, mi
         images = torch.nn.functional.interpolate(images.float(), scale_factor=factor, mode="nearest")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp.png"
-    save_image(images.float().nan_to_num(0.0).clamp(0, 1), tmp, nrow=nrow, padding=1, pad_value=1.0)
-    os.replace(tmp, path)
+    try:
+        save_image(images.float().nan_to_num(0.0).clamp(0, 1), tmp, nrow=nrow, padding=1, pad_value=1.0)
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
