@@ -257,3 +257,28 @@ def test_the_denoiser_wrappers_take_latents_and_text_conditioning():
         s = sigma.reshape(2, 1, 1, 1)
         torch.testing.assert_close(denoised, sd**2 / (s**2 + sd**2) * x + s * sd / (s**2 + sd**2).sqrt() * F)
         assert torch.equal(ConsistencyDenoiser(unet, sd, 0.002)(x, 0.002, encoder_hidden_states=text), x)
+
+
+def test_memdistill_evaluate_audits_a_stock_ddpm_against_its_training_set(ddpm_folder, tmp_path):
+    """`memdistill evaluate` on a stock DDPMPipeline folder: sampled through its registration, scored against the 16
+    digits it was trained on (their record beside the model, as the training scripts write it), with the floor row of
+    held-out digits, and recomputed exactly from the saved samples."""
+    import json
+    import shutil
+
+    from diffusers_memdistill.cli import main as cli_main
+
+    model = tmp_path / "ddpm"
+    shutil.copytree(ddpm_folder, model)
+    build_training_set("digits", 8, num_train_images=16).save(str(model))  # the set the fixture trained on
+    out = tmp_path / "ev"
+    argv = ["evaluate", "--model", str(model), "--num_samples", "6", "--metrics", "l2,fd_pixel", "--device", "cpu",
+            "--output_dir", str(out)]
+    assert cli_main(argv) == 0
+    results = json.loads((out / "metrics.json").read_text())
+    (name, row), = results["models"].items()
+    assert row["kind"] == "teacher"  # sampled with its registration's default steps
+    assert row["l2"]["num_valid"] == 6 and 0.0 <= row["l2"]["fraction_memorized"] <= 1.0
+    assert results["training_sets"][row["training_set"]]["num_images"] == 16
+    assert any(entry["num_images"] == 6 for entry in results["floor"].values())
+    assert cli_main(["evaluate", "--from_samples", str(out)]) == 0
