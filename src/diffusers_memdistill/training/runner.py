@@ -731,14 +731,15 @@ class TrainingRunner:
                 self._prune()
                 self._append_history({"event": "finished", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                       "step": args.max_train_steps})
+                acc.wait_for_everyone()
                 if getattr(args, "push_to_hub", False) and acc.is_main_process and plan.export is not None:
-                    # After everything is written: the card, the single-file pipeline and the weights in one commit.
+                    # After everything is written (and past the last barrier, so that a failed upload never leaves the
+                    # other processes waiting): the card, the single-file pipeline and the weights in one commit.
                     from .. import hub
 
                     url = hub.push_to_hub_folder(self.output_dir, args.hub_model_id, token=args.hub_token,
-                                             private=args.hub_private_repo)
+                                                 private=args.hub_private_repo)
                     self.print(f"Pushed the finished model to {url}.")
-                acc.wait_for_everyone()
         finally:
             progress.close()
             if previous_handler is not None:
