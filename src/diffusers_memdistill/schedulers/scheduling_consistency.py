@@ -13,12 +13,12 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..scalings import (
     append_dims,
     consistency_scalings,
-    edm_scale_input,
     edm_scalings,
     edm_sigma_from_c_noise,
     karras_sigmas,
     precondition_output,
 )
+from .scheduling_utils import SigmaIndexSchedulerMixin
 
 
 @dataclass
@@ -35,7 +35,7 @@ class ConsistencyStudentSchedulerOutput(BaseOutput):
     pred_original_sample: torch.Tensor
 
 
-class ConsistencyStudentScheduler(SchedulerMixin, ConfigMixin):
+class ConsistencyStudentScheduler(SigmaIndexSchedulerMixin, SchedulerMixin, ConfigMixin):
     r"""Multistep consistency sampling (Song et al. 2023, Alg. 1) on EDM noise levels.
 
     Sampling starts from x = tau_1 z (tau_1 = sigma_max by default) and makes one network evaluation per noise level
@@ -110,20 +110,6 @@ class ConsistencyStudentScheduler(SchedulerMixin, ConfigMixin):
         """Standard deviation of the starting sample: the first level tau_1."""
         return float(self.sigmas[0])
 
-    @property
-    def step_index(self) -> Optional[int]:
-        """Index of the next network evaluation in `timesteps`; `None` before the first call."""
-        return self._step_index
-
-    @property
-    def begin_index(self) -> Optional[int]:
-        """The first index, set by a pipeline that starts inside the schedule (`set_begin_index`)."""
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0):
-        """Start at timestep index ``begin_index`` instead of searching `timesteps` for the first timestep."""
-        self._begin_index = begin_index
-
     def default_sigmas(self, num_inference_steps: int) -> torch.Tensor:
         """The m default levels: the first m of an (m + 1)-point Karras grid from sigma_max to sigma_min (float64).
 
@@ -186,24 +172,6 @@ class ConsistencyStudentScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = None
         self._begin_index = None
 
-    def index_for_timestep(self, timestep) -> int:
-        """The index of ``timestep`` in `timesteps`."""
-        matches = (self.timesteps == torch.as_tensor(timestep, device=self.timesteps.device)).nonzero().flatten()
-        if not len(matches):
-            raise ValueError(f"Timestep {float(timestep)} is not in this schedule.")
-        return int(matches[0])
-
-    def _init_step_index(self, timestep):
-        if self.timesteps is None:
-            raise RuntimeError("Call set_timesteps before sampling.")
-        self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
-
-    def scale_model_input(self, sample: torch.Tensor, timestep: Union[float, torch.Tensor]) -> torch.Tensor:
-        """The UNet's input c_in(tau) x (EDM's c_in)."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        return edm_scale_input(sample, self.sigmas[self._step_index], self.config.sigma_data)
-
     def step(
         self,
         model_output: torch.Tensor,
@@ -249,6 +217,3 @@ class ConsistencyStudentScheduler(SchedulerMixin, ConfigMixin):
         c_noise = torch.as_tensor(timesteps, dtype=torch.float32) / self.config.c_noise_scale
         sigma = edm_sigma_from_c_noise(c_noise).to(original_samples.device).flatten()
         return original_samples + append_dims(sigma, original_samples.ndim).to(original_samples.dtype) * noise
-
-    def __len__(self):
-        return self.config.num_inference_steps

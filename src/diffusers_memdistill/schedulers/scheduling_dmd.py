@@ -9,7 +9,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..scalings import edm_scale_input, edm_scalings, karras_sigmas, precondition_output
+from ..scalings import edm_scalings, karras_sigmas, precondition_output
+from .scheduling_utils import SigmaIndexSchedulerMixin
 
 
 @dataclass
@@ -26,7 +27,7 @@ class DMDGeneratorSchedulerOutput(BaseOutput):
     pred_original_sample: torch.Tensor
 
 
-class DMDGeneratorScheduler(SchedulerMixin, ConfigMixin):
+class DMDGeneratorScheduler(SigmaIndexSchedulerMixin, SchedulerMixin, ConfigMixin):
     r"""Sampling of a DMD / DMD2 generator (Yin et al. 2024a/b; 003 §2.2): G(z) = D_theta(sigma_1 z; sigma_1) with
     sigma_1 = sigma_max, and for few-step generators x = D_theta(G + sigma_k n; sigma_k) at the fixed levels sigma_k
     the generator was trained on (DMD2's backward simulation).
@@ -74,20 +75,6 @@ class DMDGeneratorScheduler(SchedulerMixin, ConfigMixin):
     def init_noise_sigma(self) -> float:
         """Standard deviation of the starting sample: the first level sigma_1."""
         return float(self.sigmas[0])
-
-    @property
-    def step_index(self) -> Optional[int]:
-        """Index of the next generator evaluation in `timesteps`; `None` before the first call."""
-        return self._step_index
-
-    @property
-    def begin_index(self) -> Optional[int]:
-        """The first index, set by a pipeline that starts inside the schedule (`set_begin_index`)."""
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0):
-        """Start at timestep index ``begin_index`` instead of searching `timesteps` for the first timestep."""
-        self._begin_index = begin_index
 
     def _check_levels(self, levels: torch.Tensor) -> None:
         cfg = self.config
@@ -140,24 +127,6 @@ class DMDGeneratorScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = None
         self._begin_index = None
 
-    def index_for_timestep(self, timestep) -> int:
-        """The index of ``timestep`` in `timesteps`."""
-        matches = (self.timesteps == torch.as_tensor(timestep, device=self.timesteps.device)).nonzero().flatten()
-        if not len(matches):
-            raise ValueError(f"Timestep {float(timestep)} is not in this schedule.")
-        return int(matches[0])
-
-    def _init_step_index(self, timestep):
-        if self.timesteps is None:
-            raise RuntimeError("Call set_timesteps before sampling.")
-        self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
-
-    def scale_model_input(self, sample: torch.Tensor, timestep: Union[float, torch.Tensor]) -> torch.Tensor:
-        """The UNet's input c_in(sigma) x (EDM's c_in)."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        return edm_scale_input(sample, self.sigmas[self._step_index], self.config.sigma_data)
-
     def step(
         self,
         model_output: torch.Tensor,
@@ -194,6 +163,3 @@ class DMDGeneratorScheduler(SchedulerMixin, ConfigMixin):
         if not return_dict:
             return (prev_sample, denoised)
         return DMDGeneratorSchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
-
-    def __len__(self):
-        return self.config.num_inference_steps

@@ -12,13 +12,13 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..scalings import (
     append_dims,
-    edm_scale_input,
     edm_scalings,
     edm_sigma_from_c_noise,
     karras_sigmas,
     precondition_output,
 )
 from ..solvers import euler_update, heun_correction, ode_derivative
+from .scheduling_utils import SigmaIndexSchedulerMixin
 
 
 @dataclass
@@ -36,7 +36,7 @@ class EDMHeunSchedulerOutput(BaseOutput):
     pred_original_sample: torch.Tensor
 
 
-class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
+class EDMHeunScheduler(SigmaIndexSchedulerMixin, SchedulerMixin, ConfigMixin):
     r"""EDM's second-order Heun sampler on the Karras noise grid (Karras et al. 2022, Alg. 1 and 2).
 
     The network contract is EDM's and diffusers' `EDMEulerScheduler`'s: `timesteps` are the values
@@ -124,16 +124,6 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
         return (sigma**2 + self.config.s_noise**2 * (sigma_hat**2 - sigma**2)) ** 0.5
 
     @property
-    def step_index(self) -> Optional[int]:
-        """Index of the next network evaluation in `timesteps`; `None` before the first call."""
-        return self._step_index
-
-    @property
-    def begin_index(self) -> Optional[int]:
-        """The first index, set by a pipeline that starts inside the schedule (`set_begin_index`)."""
-        return self._begin_index
-
-    @property
     def state_in_first_order(self) -> bool:
         """Whether the next `step` is the Euler (first-order) half of a Heun step."""
         return self._step_index is None or self._step_index % 2 == 0
@@ -202,17 +192,6 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"Timestep {float(timestep)} is not a first-order timestep of this schedule.")
         return matches[0]
 
-    def _init_step_index(self, timestep):
-        if self.timesteps is None:
-            raise RuntimeError("Call set_timesteps before sampling.")
-        self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
-
-    def scale_model_input(self, sample: torch.Tensor, timestep: Union[float, torch.Tensor]) -> torch.Tensor:
-        """The UNet's input c_in(sigma) x at the noise level of ``timestep``'s evaluation."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        return edm_scale_input(sample, self.sigmas[self._step_index], self.config.sigma_data)
-
     def step(
         self,
         model_output: torch.Tensor,
@@ -270,6 +249,3 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
         """x_sigma = x_0 + sigma n at the levels of ``timesteps`` (scalar or per-sample c_noise values)."""
         sigma = edm_sigma_from_c_noise(timesteps).to(original_samples.device).flatten()
         return original_samples + append_dims(sigma, original_samples.ndim).to(original_samples.dtype) * noise
-
-    def __len__(self):
-        return self.config.num_inference_steps

@@ -21,6 +21,7 @@ BUNDLES = {
     "pipeline_edm": [
         "scalings",
         "solvers",
+        "schedulers/scheduling_utils",
         "schedulers/scheduling_edm_heun",
         "pipelines/pipeline_io",
         "pipelines/sampling_utils",
@@ -28,6 +29,7 @@ BUNDLES = {
     ],
     "pipeline_consistency": [
         "scalings",
+        "schedulers/scheduling_utils",
         "schedulers/scheduling_consistency",
         "pipelines/pipeline_io",
         "pipelines/sampling_utils",
@@ -35,6 +37,7 @@ BUNDLES = {
     ],
     "pipeline_dmd": [
         "scalings",
+        "schedulers/scheduling_utils",
         "schedulers/scheduling_dmd",
         "pipelines/pipeline_io",
         "pipelines/sampling_utils",
