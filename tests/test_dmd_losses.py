@@ -137,3 +137,41 @@ def test_regression_loss_is_zero_on_the_generators_own_pairs():
         assert loss_fn.regression_loss(teacher, z, teacher(80.0 * z, 80.0))[0].abs().max() == 0
         phi_8 = teacher_ode_pairs(teacher, z, num_steps=8)
         assert loss_fn.regression_loss(teacher, z, phi_8)[0].min() > 0
+
+
+def test_discriminator_loss_is_the_logistic_loss():
+    from diffusers_memdistill.losses.dmd import discriminator_loss
+
+    zeros = torch.zeros(3)
+    assert torch.allclose(discriminator_loss(zeros, zeros), torch.full((3,), 2 * torch.log(torch.tensor(2.0))))
+    # A confident, correct discriminator has a loss near 0; a confidently wrong one about |logit| per side.
+    assert discriminator_loss(torch.full((1,), 20.0), torch.full((1,), -20.0)).item() < 1e-8
+    assert abs(discriminator_loss(torch.full((1,), -20.0), torch.full((1,), 20.0)).item() - 40.0) < 1e-6
+
+
+def test_gan_losses_reach_the_head_and_the_generator_samples_only():
+    from conftest import tiny_unet
+    from diffusers_memdistill.models.fake_score import DMDFakeScore
+
+    fake_net = DMDFakeScore(tiny_unet(seed=3), gan_head=True)
+    fake = EDMDenoiser(fake_net)
+    loss_fn = DMDLoss()
+    g = torch.Generator().manual_seed(0)
+    samples, real = torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
+    # The fake network's loss: denoising on the samples plus the discriminator on both halves, in one call.
+    plain, _ = loss_fn.fake_loss(fake, samples, generator=torch.Generator().manual_seed(1))
+    with_gan, logs = loss_fn.fake_loss(fake, samples, generator=torch.Generator().manual_seed(1), real=real,
+                                       gan_weight=0.5)
+    assert torch.allclose(with_gan, plain + 0.5 * logs["discriminator_loss"], atol=1e-5)
+    with_gan.mean().backward()
+    assert fake_net.head.linear.weight.grad.abs().sum() > 0 and fake_net.unet.conv_in.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="as many real images"):
+        loss_fn.fake_loss(fake, samples, real=real[:2], gan_weight=0.5)
+    # The generator's GAN loss: gradient to x0, none to a frozen fake network.
+    fake_net.zero_grad(set_to_none=True)
+    fake_net.requires_grad_(False)
+    x0 = samples.clone().requires_grad_(True)
+    loss_fn.gan_generator_loss(fake, x0, generator=g).mean().backward()
+    assert x0.grad.abs().sum() > 0 and all(p.grad is None for p in fake_net.parameters())
+    with pytest.raises(ValueError, match="no discriminator head"):
+        DMDFakeScore(tiny_unet())(samples, torch.zeros(4), return_logits=True)

@@ -195,15 +195,6 @@ def distill_student(teacher: ToyMLP, settings: dict, sigma_data: float, generato
     history = {"generator_loss": [], "fake_loss": []}
     batch = settings["batch_size"]
     for step in tqdm(range(settings["distill_steps"]), desc="DMD student", leave=False, disable=None):
-        # Generator update on every ratio-th iteration (two time-scale rule, 003 App. D).
-        if is_generator_update(step, fake_updates_per_generator_update):
-            z = torch.randn(batch, AMBIENT_DIM, generator=generator)
-            loss, _ = loss_fn.generator_loss(gen, real, fake, z, generator=generator)  # D_fake runs without grad
-            opt_g.zero_grad(set_to_none=True)
-            loss.mean().backward()
-            opt_g.step()
-            sched_g.step()
-            history["generator_loss"].append(float(loss.detach().mean()))
         # Fake denoiser update on detached generator samples, every iteration.
         z = torch.randn(batch, AMBIENT_DIM, generator=generator)
         with torch.no_grad():
@@ -214,6 +205,16 @@ def distill_student(teacher: ToyMLP, settings: dict, sigma_data: float, generato
         opt_f.step()
         sched_f.step()
         history["fake_loss"].append(float(loss.detach().mean()))
+        # Generator update after every ratio-th fake update (two time-scale rule, 003 App. D; the same rule as the
+        # phases of training_scripts/distill_dmd.py).
+        if is_generator_update(step, fake_updates_per_generator_update):
+            z = torch.randn(batch, AMBIENT_DIM, generator=generator)
+            loss, _ = loss_fn.generator_loss(gen, real, fake, z, generator=generator)  # D_fake runs without grad
+            opt_g.zero_grad(set_to_none=True)
+            loss.mean().backward()
+            opt_g.step()
+            sched_g.step()
+            history["generator_loss"].append(float(loss.detach().mean()))
     return gen_net.eval().requires_grad_(False), history
 
 

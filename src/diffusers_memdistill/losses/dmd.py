@@ -153,6 +153,11 @@ def distribution_matching_loss(
     return loss, {"sigma": sigma, "grad_norm": grad.flatten(1).norm(dim=1)}
 
 
+def discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Non-saturating logistic GAN loss of a discriminator, per sample: softplus(-l_real) + softplus(l_fake)."""
+    return torch.nn.functional.softplus(-logits_real.float()) + torch.nn.functional.softplus(logits_fake.float())
+
+
 class DMDLoss:
     r"""The losses of DMD / DMD2 distillation around an EDM teacher.
 
@@ -232,11 +237,30 @@ class DMDLoss:
         detached generator samples ``x0`` (which the fake denoiser may be trained on).
         """
         x0 = self.generate(generator_denoiser, noise, class_labels, generator, train=True)
+        return self.matching_loss(x0, real_denoiser, fake_denoiser, class_labels, generator)
+
+    def matching_loss(
+        self,
+        x0: torch.Tensor,
+        real_denoiser: Callable,
+        fake_denoiser: Callable,
+        class_labels: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+    ):
+        """The distribution-matching loss of given generator samples ``x0`` (differentiable): sigma drawn on the
+        restricted grid, the real score guided if asked. Returns ``(loss, logs)`` as [`generator_loss`]."""
         sigma = self.sample_sigmas(x0.shape[0], generator, x0.device)
         dm_noise = torch.randn(x0.shape, generator=generator, device=x0.device)
         loss, logs = distribution_matching_loss(x0, self.real(real_denoiser), fake_denoiser, sigma, dm_noise, class_labels)
         logs["x0"] = x0.detach()
         return loss, logs
+
+    def sample_fake_sigmas(self, batch_size: int, generator=None, device=None) -> torch.Tensor:
+        """Noise levels of the fake denoiser's loss: the restricted Karras grid, or EDM's log-normal law."""
+        if self.fake_sigma_sampling == "lognormal":
+            ln_sigma = torch.randn(batch_size, generator=generator, device=device)
+            return (ln_sigma * self._edm_loss.P_std + self._edm_loss.P_mean).exp()
+        return self.sample_sigmas(batch_size, generator, device)
 
     def fake_loss(
         self,
@@ -244,20 +268,66 @@ class DMDLoss:
         samples: torch.Tensor,
         class_labels: Optional[torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
+        real: Optional[torch.Tensor] = None,
+        real_class_labels: Optional[torch.Tensor] = None,
+        gan_weight: float = 0.0,
     ):
-        """Denoising score matching of the fake denoiser on detached generator samples, EDM-weighted.
+        """Denoising score matching of the fake denoiser on detached generator samples, EDM-weighted; with ``real``
+        images and ``gan_weight > 0``, plus DMD2's discriminator loss on the fake network's head.
+
+        The discriminator sees the generator samples and the real images noised at levels of the restricted grid,
+        in the same network call as the denoising loss (one forward, as DDP prefers); its loss is the
+        non-saturating logistic loss softplus(l(fake)) + softplus(-l(real)), where l are the head's logits.
+
+        Args:
+            fake_denoiser: D_fake; with a GAN, a [`~models.denoiser.EDMDenoiser`] over a
+                [`~models.fake_score.DMDFakeScore`] with a head (its ``denoise`` returns the logits).
+            samples (`torch.Tensor`): generator samples (detached here).
+            real (`torch.Tensor`, *optional*): training images, as many as ``samples``.
+            gan_weight (`float`): weight of the discriminator loss (DMD2: 1e-2 on ImageNet 64).
 
         Returns: ``(loss, logs)``: the per-sample loss lambda(sigma) ||D_fake(x + sigma n; sigma) - x||^2 (pixel mean)
-        and the drawn ``sigma``.
+        [+ gan_weight * discriminator loss], and the drawn ``sigma`` (and ``discriminator_loss``).
         """
         samples = samples.detach().float()
-        if self.fake_sigma_sampling == "lognormal":
-            return self._edm_loss(fake_denoiser, samples, class_labels=class_labels, generator=generator)
-        sigma = self.sample_sigmas(samples.shape[0], generator, samples.device)
+        batch = samples.shape[0]
+        sigma = self.sample_fake_sigmas(batch, generator, samples.device)
         noise = torch.randn(samples.shape, generator=generator, device=samples.device)
-        denoised = fake_denoiser(samples + append_dims(sigma, samples.ndim) * noise, sigma, class_labels=class_labels)
-        loss = edm_loss_weight(sigma, self.sigma_data) * (denoised.float() - samples).square().flatten(1).mean(1)
-        return loss, {"sigma": sigma}
+        noisy = samples + append_dims(sigma, samples.ndim) * noise
+        if gan_weight <= 0 or real is None:
+            denoised = fake_denoiser(noisy, sigma, class_labels=class_labels)
+            loss = edm_loss_weight(sigma, self.sigma_data) * (denoised.float() - samples).square().flatten(1).mean(1)
+            return loss, {"sigma": sigma}
+        if real.shape != samples.shape:
+            raise ValueError(f"The GAN needs as many real images as generator samples: {tuple(real.shape)} vs "
+                             f"{tuple(samples.shape)}.")
+        real = real.float()
+        sigma_real = self.sample_sigmas(batch, generator, real.device)
+        noisy_real = real + append_dims(sigma_real, real.ndim) * torch.randn(real.shape, generator=generator,
+                                                                             device=real.device)
+        labels = None if class_labels is None else torch.cat([class_labels, real_class_labels])
+        denoised, out = fake_denoiser.denoise(torch.cat([noisy, noisy_real]), torch.cat([sigma, sigma_real]),
+                                              class_labels=labels, return_logits=True)
+        denoise_loss = edm_loss_weight(sigma, self.sigma_data) * (
+            denoised[:batch].float() - samples).square().flatten(1).mean(1)
+        disc = discriminator_loss(out.logits[batch:], out.logits[:batch])
+        return denoise_loss + gan_weight * disc, {"sigma": sigma, "discriminator_loss": disc.detach()}
+
+    def gan_generator_loss(
+        self,
+        fake_denoiser: Callable,
+        x0: torch.Tensor,
+        class_labels: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
+        """DMD2's generator GAN loss softplus(-l(x0 + sigma n)) per sample, through the fake network's head.
+
+        Gradients reach ``x0`` (the generator); the caller freezes the fake network's parameters.
+        """
+        sigma = self.sample_sigmas(x0.shape[0], generator, x0.device)
+        noisy = x0 + append_dims(sigma, x0.ndim) * torch.randn(x0.shape, generator=generator, device=x0.device)
+        _, out = fake_denoiser.denoise(noisy, sigma, class_labels=class_labels, return_logits=True)
+        return torch.nn.functional.softplus(-out.logits)
 
     def regression_loss(
         self,
@@ -300,6 +370,7 @@ def teacher_ode_pairs(
 
 __all__ = [
     "DMDLoss",
+    "discriminator_loss",
     "distribution_matching_loss",
     "generate",
     "guided_denoiser",

@@ -29,21 +29,32 @@ class EDMDenoiser:
     def scalings(self, sigma: torch.Tensor):
         return edm_scalings(sigma, self.sigma_data)
 
-    def model_output(self, x: torch.Tensor, c_in: torch.Tensor, c_noise: torch.Tensor, class_labels=None, **cond):
-        """The raw network output F(c_in * x; c_noise), float32."""
+    def network_output(self, x: torch.Tensor, c_in: torch.Tensor, c_noise: torch.Tensor, class_labels=None, **cond):
+        """The network's output object for the input c_in * x at c_noise (``.sample`` is F; a network may return
+        more, e.g. the discriminator logits of [`~models.fake_score.DMDFakeScore`])."""
         dtype = next(iter(_parameters(self.unet))).dtype
         if class_labels is not None:
             cond["class_labels"] = class_labels
-        out = self.unet((append_dims(c_in, x.ndim) * x).to(dtype), c_noise, **cond)
+        return self.unet((append_dims(c_in, x.ndim) * x).to(dtype), c_noise, **cond)
+
+    def model_output(self, x: torch.Tensor, c_in: torch.Tensor, c_noise: torch.Tensor, class_labels=None, **cond):
+        """The raw network output F(c_in * x; c_noise), float32."""
+        out = self.network_output(x, c_in, c_noise, class_labels, **cond)
         return (out.sample if hasattr(out, "sample") else out[0]).float()
 
-    def __call__(self, x: torch.Tensor, sigma, class_labels=None, **cond) -> torch.Tensor:
-        """D(x; sigma) for ``x`` of shape `(B, ...)` and a scalar or per-sample `(B,)` ``sigma``."""
+    def denoise(self, x: torch.Tensor, sigma, class_labels=None, **cond):
+        """``(D(x; sigma), output)``: the denoised tensor and the network's whole output object."""
         sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
         c_skip, c_out, c_in, c_noise = self.scalings(sigma)
-        return precondition_output(x, self.model_output(x, c_in, c_noise, class_labels, **cond), c_skip, c_out)
+        out = self.network_output(x, c_in, c_noise, class_labels, **cond)
+        raw = (out.sample if hasattr(out, "sample") else out[0]).float()
+        return precondition_output(x, raw, c_skip, c_out), out
+
+    def __call__(self, x: torch.Tensor, sigma, class_labels=None, **cond) -> torch.Tensor:
+        """D(x; sigma) for ``x`` of shape `(B, ...)` and a scalar or per-sample `(B,)` ``sigma``."""
+        return self.denoise(x, sigma, class_labels, **cond)[0]
 
 
 class ConsistencyDenoiser(EDMDenoiser):

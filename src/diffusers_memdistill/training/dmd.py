@@ -18,8 +18,9 @@ def check_update_ratio(fake_updates_per_generator_update: int) -> int:
 
 
 def is_generator_update(step: int, fake_updates_per_generator_update: int) -> bool:
-    """Whether iteration ``step`` (0-based) also updates the generator: the fake denoiser is updated every
-    iteration and the generator every ``ratio``-th, after ``ratio`` fake updates (two time-scale rule, 003 App. D)."""
+    """Whether iteration ``step`` (0-based) also updates the generator: the fake denoiser is updated first in every
+    iteration and the generator in every ``ratio``-th, after ``ratio`` fake updates (two time-scale rule, 003 App. D).
+    It is the runner's ``Phase(every=ratio, offset=ratio - 1)`` (``training/distill_dmd.py``)."""
     ratio = check_update_ratio(fake_updates_per_generator_update)
     return step % ratio == ratio - 1
 

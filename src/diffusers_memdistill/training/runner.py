@@ -20,10 +20,10 @@ How a script plugs in
 
    - ``models``: the networks that are trained (prepared by accelerate, saved in every checkpoint);
    - ``phases``: one `Phase` per optimizer: the model it updates, its optimizer (see `build_optimizer`), its step
-     ``step(nets, batch, generator) -> loss`` (per-sample or scalar, optionally ``(loss, logs)``) and ``every``, the
-     update ratio: a phase runs at the steps that are multiples of ``every``. DMD2's two-time-scale rule (the fake
-     denoiser updated 5 times per generator update) is ``[Phase("fake_score", ...), Phase("generator", ...,
-     every=5)]``; each phase's step must only produce gradients for its own model (the others under
+     ``step(nets, batch, generator) -> loss`` (per-sample or scalar, optionally ``(loss, logs)``) and ``every`` /
+     ``offset``, the update ratio: a phase runs every ``every`` steps from step ``offset`` on. The two time-scale
+     rule of DMD (the fake denoiser updated 5 times per generator update) is ``[Phase("fake_score", ...),
+     Phase("generator", ..., every=5, offset=4)]``; each phase's step must only produce gradients for its own model (the others under
      ``torch.no_grad()`` or ``requires_grad_(False)``);
    - ``averages``: moving averages (`ModelEMA`) of trained models, updated after each update of their source; the
      consistency-distillation target network is one (a constant decay mu);
@@ -66,6 +66,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional
 
@@ -117,7 +118,10 @@ class Phase:
         optimizer (`torch.optim.Optimizer`): over the parameters of ``model``.
         step (`Callable`): ``step(nets, batch, generator) -> loss`` or ``(loss, logs)``.
         model (`str`, *optional*): the key in ``TrainingPlan.models`` of the network it updates; defaults to ``name``.
-        every (`int`, defaults to 1): the phase runs at the steps that are multiples of ``every``.
+        every (`int`, defaults to 1): the phase runs every ``every`` steps ...
+        offset (`int`, defaults to 0): ... starting at step ``offset`` (0-based), i.e. at the steps ``s >= offset``
+            with ``(s - offset) % every == 0``. DMD's generator phase uses ``every=k, offset=k - 1``: it runs after
+            every k updates of the fake denoiser.
         learning_rate (`float`, *optional*): defaults to ``--learning_rate``.
     """
 
@@ -126,7 +130,12 @@ class Phase:
     step: Callable
     model: Optional[str] = None
     every: int = 1
+    offset: int = 0
     learning_rate: Optional[float] = None
+
+    def is_due(self, step: int) -> bool:
+        """Whether the phase runs at optimizer step ``step`` (0-based)."""
+        return step >= self.offset and (step - self.offset) % self.every == 0
 
 
 class Average(NamedTuple):
@@ -524,8 +533,9 @@ class TrainingRunner:
         accumulation = args.gradient_accumulation_steps
         for phase in plan.phases:
             phase.model = phase.model or phase.name
-            if phase.model not in plan.models or phase.every < 1:
-                raise ValueError(f"Phase {phase.name!r}: no trained model {phase.model!r}, or every < 1.")
+            if phase.model not in plan.models or phase.every < 1 or not 0 <= phase.offset < phase.every:
+                raise ValueError(f"Phase {phase.name!r}: no trained model {phase.model!r}, or not every >= 1 and "
+                                 f"0 <= offset < every.")
         for name, avg in plan.averages.items():
             if avg.source not in plan.models:
                 raise ValueError(f"Average {name!r} follows {avg.source!r}, which is not a trained model.")
@@ -556,7 +566,8 @@ class TrainingRunner:
             "optimizer": {"adam_beta1": args.adam_beta1, "adam_beta2": args.adam_beta2,
                           "adam_epsilon": args.adam_epsilon, "adam_weight_decay": args.adam_weight_decay,
                           "use_8bit_adam": args.use_8bit_adam,
-                          "phases": [[p.name, p.model, p.every, type(p.optimizer).__name__] for p in plan.phases]},
+                          "phases": [[p.name, p.model, p.every, p.offset, type(p.optimizer).__name__]
+                                     for p in plan.phases]},
             "averages": {n: {k: v for k, v in avg.ema.summary().items()
                              if k in ("kind", "sigma_rel", "decay", "warmup")} | {"source": avg.source}
                          for n, avg in plan.averages.items()},
@@ -650,7 +661,7 @@ class TrainingRunner:
                 upcoming = None
                 # 6. Every due phase: accumulate over the micro-batches, check the loss, clip, step, average.
                 for index, phase in enumerate(plan.phases):
-                    if step % phase.every:
+                    if not phase.is_due(step):
                         continue
                     model, optimizer = models[phase.model], optimizers[phase.name]
                     optimizer.zero_grad(set_to_none=True)
@@ -682,8 +693,12 @@ class TrainingRunner:
                         ema.update(plain_nets[phase.model])
                     run_state.updates[phase.name] = run_state.updates.get(phase.name, 0) + 1
                     last_loss[phase.name] = total
-                for scheduler in schedulers.values():
-                    scheduler.step()
+                with warnings.catch_warnings():
+                    # Schedules follow the global step, so a phase that has not run yet (DMD's generator before its
+                    # first update) still advances its warm-up; torch warns about exactly that.
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+                    for scheduler in schedulers.values():
+                        scheduler.step()
                 run_state.step, run_state.micro_step = step + 1, (step + 1) * accumulation
                 done = step + 1
                 if prune_pending:  # the newest checkpoint led to a finite loss: older ones may go now
