@@ -9,6 +9,9 @@ Measures, for a `build_unet` preset at a resolution and batch size:
   ``train_edm_teacher.py`` runs it; ``accum``: the same with 4-fold gradient accumulation at a quarter of the batch;
 - ``cd``: the ``distill_consistency.py`` step through the runner (student forward/backward, target forward, two
   teacher forwards, target and EMA updates);
+- ``dmd``: the ``distill_dmd.py`` iteration through the runner at its default two time-scale ratio 5 (every step: a
+  generator forward and the fake denoiser's forward/backward; every fifth: the generator's forward/backward with a
+  fake and a teacher forward), averaged over the steps;
 - ``sample``: sampling throughput of the 35-NFE EDM teacher (18 Heun steps) and of the 1-step student.
 
 For each: samples/s, peak GPU memory, FLOPs per sample (counted once with `torch.utils.flop_counter` on the eager
@@ -36,10 +39,10 @@ from diffusers_memdistill.pipelines.pipeline_consistency import ConsistencyStude
 from diffusers_memdistill.pipelines.pipeline_edm import EDMPipeline
 from diffusers_memdistill.schedulers.scheduling_consistency import ConsistencyStudentScheduler
 from diffusers_memdistill.schedulers.scheduling_edm_heun import EDMHeunScheduler
-from diffusers_memdistill.training import distill_consistency, train_edm_teacher
+from diffusers_memdistill.training import distill_consistency, distill_dmd, train_edm_teacher
 from diffusers_memdistill.training.runner import TrainingRunner, reset_accelerate_state
 
-BENCHMARKS = ("baseline", "bare", "teacher", "accum", "cd", "sample")
+BENCHMARKS = ("baseline", "bare", "teacher", "accum", "cd", "dmd", "sample")
 
 
 def parse_args(argv=None):
@@ -142,6 +145,11 @@ def cd_script_args(args, batch_size, output_dir):
         "--pretrained_model_name_or_path", "benchmark-teacher", "--loss", "l2"])
 
 
+def dmd_script_args(args, batch_size, output_dir):
+    return distill_dmd.parse_args(script_argv(args, batch_size, 1, output_dir) + [
+        "--pretrained_model_name_or_path", "benchmark-teacher"])
+
+
 def teacher_pipeline(args):
     torch.manual_seed(0)
     return EDMPipeline(build_unet(args.preset, args.resolution, args.channels), EDMHeunScheduler())
@@ -155,21 +163,25 @@ def _channels_last(plan, args):
 
 
 def eager_step_flops(plan, training_set, batch_size, device, mixed_precision):
-    """FLOPs of one step of ``plan``'s (first) phase, run eagerly on the first ``batch_size`` images."""
+    """FLOPs of one optimizer step of ``plan`` averaged over its phases' update ratios (a phase run every k steps
+    counts 1/k), each phase run eagerly on the first ``batch_size`` images."""
     nets = {**plan.models, **{n: a.ema.module for n, a in plan.averages.items()}, **plan.frozen}
     for module in nets.values():
         module.to(device)
     batch = {"pixel_values": images_to_model_range(training_set.images[:batch_size].to(device))}
-    generator = torch.Generator(device).manual_seed(0)
+    total = 0.0
+    for phase in plan.phases:
+        generator = torch.Generator(device).manual_seed(0)
 
-    def step():
-        with _autocast(device, mixed_precision):
-            out = plan.phases[0].step(nets, batch, generator)
-        out[0].float().mean().backward()
+        def step(phase=phase, generator=generator):
+            with _autocast(device, mixed_precision):
+                out = phase.step(nets, batch, generator)
+            out[0].float().mean().backward()
 
-    flops = count_flops(step)
-    plan.phases[0].optimizer.zero_grad(set_to_none=True)
-    return flops
+        total += count_flops(step) / phase.every
+        for p in plan.phases:
+            p.optimizer.zero_grad(set_to_none=True)
+    return total
 
 
 def measure_runner(make_args, make_plan, training_set, args, device, samples_per_step):
@@ -269,6 +281,12 @@ def main(args):
         results["CD step (N=18, Heun teacher, l2)"] = measure_runner(
             lambda out: cd_script_args(args, args.batch_size, out),
             lambda a: distill_consistency.build_plan(a, teacher_pipeline(args), training_set, "0" * 64),
+            training_set, args, device, args.batch_size)
+
+    if "dmd" in only:
+        results["DMD step (ratio 5, one-step generator)"] = measure_runner(
+            lambda out: dmd_script_args(args, args.batch_size, out),
+            lambda a: distill_dmd.build_plan(a, teacher_pipeline(args), training_set, "0" * 64, device),
             training_set, args, device, args.batch_size)
 
     if "sample" in only:

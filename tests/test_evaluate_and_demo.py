@@ -120,11 +120,13 @@ def test_demo_quick_end_to_end(tmp_path):
     out = tmp_path / "demo"
     assert cli_main(["demo", "--quick", "--output_dir", str(out)]) == 0
     results = json.loads((out / "report" / "metrics.json").read_text())
-    assert set(results["models"]) == {"teacher", "student (1-step)", "student (2-step)"}
+    assert set(results["models"]) == {"teacher", "student (1-step)", "student (2-step)", "DMD student"}
     for name, m in results["models"].items():
         assert 0.0 <= m["l2"]["fraction_memorized"] <= 1.0 and m["num_nan_samples"] == 0
     assert results["models"]["student (1-step)"]["pairing"]["delta_e"] >= 0
+    assert results["models"]["DMD student"]["pairing"]["delta_e"] >= 0
     assert (out / "teacher" / "model_index.json").is_file() and (out / "student" / "training_set.json").is_file()
+    assert json.loads((out / "dmd" / "model_index.json").read_text())["_class_name"][-1] == "DMDGeneratorPipeline"
     with pytest.raises(FileExistsError, match="already holds a finished demo"):
         cli_main(["demo", "--quick", "--output_dir", str(out)])
 
