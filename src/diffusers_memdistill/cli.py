@@ -14,7 +14,8 @@ import sys
 SUBCOMMANDS = {
     "demo": (
         "diffusers_memdistill.demo",
-        "Train a memorizing teacher on the built-in digits, distil a consistency student, evaluate both (CPU, minutes).",
+        "Train a memorizing teacher on the built-in digits, distil a consistency and a DMD student, audit all three "
+        "(CPU, minutes).",
     ),
     "evaluate": (
         "diffusers_memdistill.evaluate",
@@ -27,6 +28,10 @@ SUBCOMMANDS = {
     "dmd-toys": (
         "diffusers_memdistill.analysis.dmd_toys",
         "Reproduce the low-dimensional DMD copying study (chessboard, moons, Gaussian ring): teacher, DMD student, ΔE, figures.",
+    ),
+    "dmd-sweep": (
+        "diffusers_memdistill.analysis.dmd_sweep",
+        "DMD students of one teacher at several training lengths (003 §4.2.2): ΔE, δ(z)–D(z), memorization, figures.",
     ),
     "push": (
         "diffusers_memdistill.hub:PushCommand",

@@ -838,7 +838,7 @@ def _pairing(ctx: _Context):
                "num_noises": n, "num_excluded_nonfinite": int(g.shape[0] - n)}
         if n < 2:
             out.update({"delta_e": None, "e_dt": None, "e_ot": None, "fraction_fixed": None, "delta_mean": None,
-                        "delta_fraction_negative": None})
+                        "delta_fraction_negative": None, "delta_distance_correlation": None})
             ctx.results["models"][r["name"]]["pairing"] = out
             ctx.results["warnings"].append(f"{r['name']}: pairing not measured, only {n} noises give finite teacher "
                                            "and student outputs.")
@@ -846,8 +846,11 @@ def _pairing(ctx: _Context):
         t8, t1, s = phi_k[keep].flatten(1), phi_1[keep].flatten(1), g[keep].flatten(1)
         res = pairing_inefficiency(t8, s)
         diag = copying_diagnostics(t8, t1, s, train)
+        # 003 Fig. 5: copying (negative δ) concentrates where D(z) is large, a negative Pearson correlation.
+        correlation = torch.corrcoef(torch.stack([diag.delta.double(), diag.mean_train_distance.double()]))[0, 1]
         out.update({**res.to_dict(), "delta_mean": float(diag.delta.mean()),
-                    "delta_fraction_negative": float((diag.delta < 0).double().mean())})
+                    "delta_fraction_negative": float((diag.delta < 0).double().mean()),
+                    "delta_distance_correlation": float(correlation)})
         ctx.results["models"][r["name"]]["pairing"] = out
         slug = _slug(r["name"])
         plot_pairing_pca(t8, t1, s, path=os.path.join(ctx.figures_dir, f"pairing_pca_{slug}.png"))
@@ -1028,10 +1031,12 @@ def render_report(results: dict) -> str:
     paired = {n: m["pairing"] for n, m in results["models"].items() if "pairing" in m}
     if paired:
         lines += ["## Pairing with the teacher's 8-step ODE map (003 Def. 3.1)", "",
-                  "| Student | ΔE = E_DT/E_OT − 1 | E_DT | E_OT | share of δ(z) < 0 | noises |", "|---|---|---|---|---|---|"]
+                  "| Student | ΔE = E_DT/E_OT − 1 | E_DT | E_OT | share of δ(z) < 0 | corr(δ, D) | noises |",
+                  "|---|---|---|---|---|---|---|"]
         for name, p in paired.items():
             lines.append(f"| {name} | {_fmt(p['delta_e'])} | {_fmt(p['e_dt'])} | {_fmt(p['e_ot'])} | "
-                         f"{_fmt(p['delta_fraction_negative'], True)} | {p['num_noises']} |")
+                         f"{_fmt(p['delta_fraction_negative'], True)} | {_fmt(p.get('delta_distance_correlation'))} | "
+                         f"{p['num_noises']} |")
         lines.append("")
     if results["errors"]:
         lines += ["## Not computed", ""] + [f"- **{k}**: {v}" for k, v in results["errors"].items()] + [""]
