@@ -71,10 +71,10 @@ class RefinedPipeline:
             raise ValueError(f"{registration.name} samples latents; refinement by a pixel-space EDM teacher needs a "
                              "pixel-space generator.")
         cfg = getattr(getattr(teacher, "scheduler", None), "config", None)
-        if getattr(teacher, "unet", None) is None or cfg is None or not all(
-                hasattr(cfg, k) for k in ("sigma_data", "sigma_min", "rho")):
-            raise ValueError(f"The teacher {type(teacher).__name__} is not an EDM denoiser pipeline (a unet and a "
-                             "scheduler with sigma_data, sigma_min and rho, e.g. EDMPipeline).")
+        if registration_for(teacher).kind != "teacher" or getattr(teacher, "unet", None) is None or cfg is None or \
+                not all(hasattr(cfg, k) for k in ("sigma_data", "sigma_min", "rho")):
+            raise ValueError(f"The teacher {type(teacher).__name__} is not an EDM teacher pipeline (a registered teacher "
+                             "with a unet and a scheduler with sigma_data, sigma_min and rho, e.g. EDMPipeline).")
         teacher_shape = tuple(registration_for(teacher).noise_shape(teacher))
         image_shape = tuple(registration.image_shape(generator))
         if teacher_shape != image_shape:
