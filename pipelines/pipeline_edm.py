@@ -197,7 +197,8 @@ def refine(
 
     At ``sigma = 0`` the input comes back unchanged; as ``sigma`` grows, x_sigma / sigma -> n and the result tends to
     the teacher's own sample from the noise n (at ``sigma = sigma_max`` with the teacher's grid it is the teacher's
-    sampler started from sigma_max n + x). A level at or below ``sigma_min`` takes one step to 0, x -> D(x_sigma; sigma).
+    sampler started from sigma_max n + x). A level at or below ``sigma_min`` takes one step to 0,
+    x -> D(x_sigma; sigma).
 
     Args:
         denoiser (`Callable`): the teacher's D(x, sigma, **cond) (e.g. `EDMDenoiser`).

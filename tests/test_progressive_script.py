@@ -75,6 +75,12 @@ def test_each_round_halves_the_steps_and_loads_through_the_registry(pd_dir, teac
     first = load_pipeline(str(round_1))[0].unet.state_dict()
     assert not all(torch.equal(v, first[k]) for k, v in final.items())
 
+    # The model card tells what the folder holds.
+    from diffusers_memdistill.hub import render_model_card
+
+    card = str(render_model_card(str(pd_dir))[0])
+    assert "progressive distillation" in card and "round 2 of 2: 1 step(s) where its teacher took 2" in card
+
     # Without the package: the single-file pipeline shipped in the folder samples the same 1-step images.
     pipe = load_pipeline(str(pd_dir))[0]
     pipe.set_progress_bar_config(disable=True)

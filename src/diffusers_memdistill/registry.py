@@ -21,10 +21,12 @@ model, how to sample it from given noise, and in which space its samples live. A
 - ``takes_prompts``: whether ``prompts`` are accepted (text-to-image pipelines).
 
 Registered here: the package's `EDMPipeline` (teacher), `ConsistencyStudentPipeline` (student),
-`DMDGeneratorPipeline` and `ProgressiveDistillationPipeline` (generators, sampled with their trained steps) and
-`RefinedPipeline` (a generator's samples refined by an EDM teacher, 000 App. A), and diffusers' `DDPMPipeline`,
-`DDIMPipeline` (teachers) and `ConsistencyModelPipeline` (student). Adding a pipeline is one call,
-wherever the pipeline is defined::
+`DMDGeneratorPipeline` and `ProgressiveDistillationPipeline` (generators, sampled with their trained steps), and
+diffusers' `DDPMPipeline`, `DDIMPipeline` (teachers) and `ConsistencyModelPipeline` (student). `RefinedPipeline` (a
+registered generator's samples refined by an EDM teacher, 000 App. A) registers itself where it is defined,
+`pipelines/pipeline_refined.py`, which uses this registry; `memdistill evaluate` imports it.
+
+Adding a pipeline is one call, wherever the pipeline is defined::
 
     from diffusers_memdistill.registry import register_pipeline
 
@@ -406,18 +408,11 @@ def _sample_consistency_model(pipe, latents, generators, class_labels=None, prom
     return sample_with_scheduler_loop(pipe, latents, generators, class_labels, num_inference_steps)
 
 
-def _sample_refined(pipe, latents, generators, class_labels=None, prompts=None, num_inference_steps=None):
-    """A `RefinedPipeline` samples its generator with the steps it was built with, then refines."""
-    return pipe(batch_size=latents.shape[0], latents=latents, generator=list(generators), class_labels=class_labels,
-                output_type="pt").images
-
-
 def _register_defaults():
     from .pipelines.pipeline_consistency import ConsistencyStudentPipeline
     from .pipelines.pipeline_dmd import DMDGeneratorPipeline
     from .pipelines.pipeline_edm import EDMPipeline
     from .pipelines.pipeline_progressive import ProgressiveDistillationPipeline
-    from .pipelines.pipeline_refined import RefinedPipeline
 
     register_pipeline(EDMPipeline, kind="teacher", sample=_sample_package_pipeline, default_steps=_scheduler_steps,
                       ode_map=_edm_ode_map, one_step_map=_edm_one_step_map)
@@ -428,9 +423,6 @@ def _register_defaults():
     # A progressive-distillation student samples with its round's number of DDIM steps.
     register_pipeline(ProgressiveDistillationPipeline, kind="generator", sample=_sample_package_pipeline,
                       default_steps=_scheduler_steps)
-    register_pipeline(RefinedPipeline, kind="generator", sample=_sample_refined,
-                      noise_shape=lambda pipe: pipe.registration.noise_shape(pipe.generator),
-                      num_classes=lambda pipe: pipe.registration.num_classes(pipe.generator))
     register_pipeline("DDPMPipeline", kind="teacher", sample=_sample_ddpm,
                       default_steps=lambda pipe: pipe.scheduler.config.num_train_timesteps)
     register_pipeline("DDIMPipeline", kind="teacher", sample=_sample_ddim, default_steps=50)

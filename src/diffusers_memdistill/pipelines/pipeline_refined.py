@@ -13,6 +13,7 @@ from diffusers import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..models.denoiser import EDMDenoiser
+from ..registry import load_pipeline, register_pipeline, registration_for
 from ..solvers import refine
 from ..utils.hashing import file_sha256
 from .sampling_utils import check_generators, postprocess_images
@@ -47,7 +48,8 @@ class RefinedPipeline:
     A refined pipeline is saved as a folder of references, not of weights: ``model_index.json`` names the two source
     folders with the sha256 of their weight files (checked when it is loaded), ``sigma`` and the step counts, and the
     generator's ``training_set.json`` is copied beside it, so that `memdistill evaluate --model DIR` audits it as a
-    row of its own. Build one with [`RefinedPipeline.from_sources`], then `save_pretrained`.
+    row of its own (a ``"generator"`` of the registry, registered when this module is imported). Build one with
+    [`RefinedPipeline.from_sources`], then `save_pretrained`.
 
     Args:
         generator (`DiffusionPipeline`): the pipeline whose samples are refined (registered, pixel space).
@@ -61,8 +63,6 @@ class RefinedPipeline:
 
     def __init__(self, generator, teacher, sigma: float, num_steps: Optional[int] = None,
                  generator_steps: Optional[int] = None, sources: Optional[dict] = None):
-        from ..registry import registration_for
-
         sigma = float(sigma)
         if not sigma >= 0:
             raise ValueError(f"The refinement level sigma must be >= 0, got {sigma}.")
@@ -73,8 +73,8 @@ class RefinedPipeline:
         cfg = getattr(getattr(teacher, "scheduler", None), "config", None)
         if registration_for(teacher).kind != "teacher" or getattr(teacher, "unet", None) is None or cfg is None or \
                 not all(hasattr(cfg, k) for k in ("sigma_data", "sigma_min", "rho")):
-            raise ValueError(f"The teacher {type(teacher).__name__} is not an EDM teacher pipeline (a registered teacher "
-                             "with a unet and a scheduler with sigma_data, sigma_min and rho, e.g. EDMPipeline).")
+            raise ValueError(f"The teacher {type(teacher).__name__} is not an EDM teacher pipeline (a registered "
+                             "teacher with a unet and a scheduler with sigma_data, sigma_min and rho: EDMPipeline).")
         teacher_shape = tuple(registration_for(teacher).noise_shape(teacher))
         image_shape = tuple(registration.image_shape(generator))
         if teacher_shape != image_shape:
@@ -102,8 +102,6 @@ class RefinedPipeline:
             teacher (`str`): folder of the EDM teacher.
             sigma, num_steps, generator_steps: as in the class.
         """
-        from ..registry import load_pipeline
-
         for role, path in (("generator", generator), ("teacher", teacher)):
             if not os.path.isdir(path):
                 raise FileNotFoundError(f"The {role} folder {path} does not exist.")
@@ -223,3 +221,15 @@ class RefinedPipeline:
         if not return_dict:
             return (out,)
         return ImagePipelineOutput(images=out)
+
+
+def _sample_refined(pipe, latents, generators, class_labels=None, prompts=None, num_inference_steps=None):
+    """The registry's sampler: the generator with the steps the refined pipeline was built with, then refinement."""
+    return pipe(batch_size=latents.shape[0], latents=latents, generator=list(generators), class_labels=class_labels,
+                output_type="pt").images
+
+
+# Registered here, where it is defined (the registry does not import this module: it uses the registry).
+register_pipeline(RefinedPipeline, kind="generator", sample=_sample_refined,
+                  noise_shape=lambda pipe: pipe.registration.noise_shape(pipe.generator),
+                  num_classes=lambda pipe: pipe.registration.num_classes(pipe.generator))

@@ -48,8 +48,8 @@ class EDMDDIMScheduler(SigmaIndexSchedulerMixin, SchedulerMixin, ConfigMixin):
     x' = D + (sigma' / sigma) (x - D), which is the Euler step of EDM's probability-flow ODE,
     x' = x + (sigma' - sigma) (x - D) / sigma (EDM eq. 3); it is the sampler that progressive-distillation students are
     trained for (Salimans & Ho 2022, Alg. 2). The K-step levels are every other level of the 2K-step ones
-    ([`ddim_levels`]). The final sample is x at the last level sigma_min (the CM convention: no step to 0; at the default
-    sigma_min = 0.002 it differs from D(x; sigma_min) by far less than one 8-bit level).
+    ([`ddim_levels`]). The final sample is x at the last level sigma_min (the CM convention: no step to 0; at the
+    default sigma_min = 0.002 it differs from D(x; sigma_min) by far less than one 8-bit level).
 
     The network contract is EDM's, as in [`EDMHeunScheduler`]: `timesteps` are c_noise = ln(sigma) / 4,
     `scale_model_input` returns c_in(sigma) x, and `step` takes the raw network output F and forms

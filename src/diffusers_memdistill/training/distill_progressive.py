@@ -219,7 +219,7 @@ def plan_rounds(args, dirs: list, teacher_sha256: str) -> list:
                   if os.path.dirname(path) == os.path.realpath(os.path.join(d, CHECKPOINT_DIR))]
         if not owners:
             raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint of any round "
-                             f"of {args.output_dir}; pass one of <round folder>/{CHECKPOINT_DIR}/checkpoint-N or latest.")
+                             f"of {args.output_dir}; pass <round folder>/{CHECKPOINT_DIR}/checkpoint-N or latest.")
         explicit = (owners[0], args.resume_from_checkpoint)
     actions, previous_sha, started = [], teacher_sha256, None
     for i, folder in enumerate(dirs):
