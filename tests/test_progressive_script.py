@@ -152,6 +152,14 @@ def test_resume_continues_the_unfinished_round_and_ends_as_an_uninterrupted_run(
             assert all(torch.equal(v, b[name][k]) for k, v in a[name].items()), (folder, name)
     # Everything finished: a resumed run has nothing to do.
     assert run_script("distill_progressive", _args(teacher_dir, out, "--resume_from_checkpoint", "latest")) == 0
+    reset_accelerate_state()
+    # A new run over it (one round, 2 -> 1 step) replaces it, old rounds included.
+    args = _args(teacher_dir, out, "--overwrite_output_dir")
+    args[args.index("--teacher_steps") + 1] = "2"
+    run_script("distill_progressive", args)
+    assert not (out / "rounds").exists()
+    assert _config(out)["progressive_round"]["num_rounds"] == 1
+    assert _config(out)["progressive_round"]["round_teacher"] == str(teacher_dir)
 
 
 def test_a_round_from_another_teacher_is_refused(teacher_dir, pd_dir, tmp_path):
