@@ -312,6 +312,7 @@ def evaluate(
     os.makedirs(samples_dir, exist_ok=True)
 
     # 1. Models and their training sets (one id per distinct set of images).
+    from .pipelines import pipeline_refined  # noqa: F401 (registers RefinedPipeline, the +refine rows)
     from .registry import load_pipeline
 
     runs, run_sets, train_sets, set_ids, configs, registrations = [], {}, {}, {}, {}, {}

@@ -64,6 +64,8 @@ KINDS = {
     "consistency_student": CardKind("consistency_student", "consistency student",
                                     ("consistency-distillation", "consistency-model")),
     "dmd_generator": CardKind("dmd_generator", "DMD generator", ("dmd", "distribution-matching-distillation")),
+    "progressive_student": CardKind("progressive_student", "progressive-distillation student",
+                                    ("progressive-distillation",)),
     "sd_memorization": CardKind("sd_memorization", "Stable Diffusion memorization fine-tune",
                                 ("stable-diffusion", "text-to-image"), "text-to-image"),
     "lcm_student": CardKind("lcm_student", "latent consistency student", ("lcm", "latent-consistency-model",
@@ -73,6 +75,7 @@ PIPELINE_KINDS = {
     "EDMPipeline": "edm_teacher",
     "ConsistencyStudentPipeline": "consistency_student",
     "DMDGeneratorPipeline": "dmd_generator",
+    "ProgressiveDistillationPipeline": "progressive_student",
     "StableDiffusionPipeline": "sd_memorization",
     "LatentConsistencyModelPipeline": "lcm_student",
 }
@@ -80,6 +83,7 @@ SCRIPT_KINDS = {
     "train_edm_teacher": "edm_teacher",
     "distill_consistency": "consistency_student",
     "distill_dmd": "dmd_generator",
+    "distill_progressive": "progressive_student",
     "finetune_sd_memorize": "sd_memorization",
     "distill_lcm": "lcm_student",
 }

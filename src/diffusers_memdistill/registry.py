@@ -20,9 +20,13 @@ model, how to sample it from given noise, and in which space its samples live. A
   space as ``sample`` (the pairing metric of 003 Def. 3.1 compares students with them);
 - ``takes_prompts``: whether ``prompts`` are accepted (text-to-image pipelines).
 
-Registered here: the package's `EDMPipeline` (teacher) and `ConsistencyStudentPipeline` (student), and diffusers'
-`DDPMPipeline`, `DDIMPipeline` (teachers) and `ConsistencyModelPipeline` (student). Adding a pipeline is one call,
-wherever the pipeline is defined::
+Registered here: the package's `EDMPipeline` (teacher), `ConsistencyStudentPipeline` (student),
+`DMDGeneratorPipeline` and `ProgressiveDistillationPipeline` (generators, sampled with their trained steps), and
+diffusers' `DDPMPipeline`, `DDIMPipeline` (teachers) and `ConsistencyModelPipeline` (student). `RefinedPipeline` (a
+registered generator's samples refined by an EDM teacher, 000 App. A) registers itself where it is defined,
+`pipelines/pipeline_refined.py`, which uses this registry; `memdistill evaluate` imports it.
+
+Adding a pipeline is one call, wherever the pipeline is defined::
 
     from diffusers_memdistill.registry import register_pipeline
 
@@ -408,12 +412,16 @@ def _register_defaults():
     from .pipelines.pipeline_consistency import ConsistencyStudentPipeline
     from .pipelines.pipeline_dmd import DMDGeneratorPipeline
     from .pipelines.pipeline_edm import EDMPipeline
+    from .pipelines.pipeline_progressive import ProgressiveDistillationPipeline
 
     register_pipeline(EDMPipeline, kind="teacher", sample=_sample_package_pipeline, default_steps=_scheduler_steps,
                       ode_map=_edm_ode_map, one_step_map=_edm_one_step_map)
     register_pipeline(ConsistencyStudentPipeline, kind="student", sample=_sample_package_pipeline,
                       default_steps=_scheduler_steps)
     register_pipeline(DMDGeneratorPipeline, kind="generator", sample=_sample_package_pipeline,
+                      default_steps=_scheduler_steps)
+    # A progressive-distillation student samples with its round's number of DDIM steps.
+    register_pipeline(ProgressiveDistillationPipeline, kind="generator", sample=_sample_package_pipeline,
                       default_steps=_scheduler_steps)
     register_pipeline("DDPMPipeline", kind="teacher", sample=_sample_ddpm,
                       default_steps=lambda pipe: pipe.scheduler.config.num_train_timesteps)

@@ -147,6 +147,22 @@ def build_lpips_distance(net: str = "vgg", factory: Optional[Callable[[str], tor
     return distance
 
 
+def resolve_distance(distance, huber_c: Optional[float] = None, lpips: Optional[torch.nn.Module] = None) -> Callable:
+    """The per-sample distance ``d(a, b) -> (B,)`` named by ``distance``: `"l2"`, `"pseudo_huber"` (with ``huber_c``),
+    `"lpips"` (the network ``lpips``, from [`build_lpips_distance`]) or a callable, returned as is."""
+    if distance == "l2":
+        return l2_distance
+    if distance == "pseudo_huber":
+        return lambda a, b: pseudo_huber_distance(a, b, huber_c)
+    if distance == "lpips":
+        if lpips is None:
+            raise ValueError("distance='lpips' needs the LPIPS network: pass lpips=build_lpips_distance().")
+        return lpips
+    if callable(distance):
+        return distance
+    raise ValueError(f"Unknown distance {distance!r}; choose one of {DISTANCES} or pass a callable.")
+
+
 # ---------------------------------------------------------------- weightings
 
 
@@ -215,18 +231,7 @@ class ConsistencyDistillationLoss:
     ):
         if weighting not in WEIGHTINGS:
             raise ValueError(f"Unknown weighting {weighting!r}; choose one of {WEIGHTINGS}.")
-        if distance == "l2":
-            self.distance = l2_distance
-        elif distance == "pseudo_huber":
-            self.distance = lambda a, b: pseudo_huber_distance(a, b, huber_c)
-        elif distance == "lpips":
-            if lpips is None:
-                raise ValueError("distance='lpips' needs the LPIPS network: pass lpips=build_lpips_distance().")
-            self.distance = lpips
-        elif callable(distance):
-            self.distance = distance
-        else:
-            raise ValueError(f"Unknown distance {distance!r}; choose one of {DISTANCES} or pass a callable.")
+        self.distance = resolve_distance(distance, huber_c, lpips)
         # Decreasing grid: sigmas[i] = t_{N-i}; a step goes from sigmas[i] = t_{n+1} to sigmas[i + 1] = t_n.
         self.sigmas = karras_sigmas(num_scales, sigma_min, sigma_max, rho, append_zero=False).to(torch.float32)
         self.num_scales, self.sigma_data, self.weighting, self.solver = num_scales, sigma_data, weighting, solver

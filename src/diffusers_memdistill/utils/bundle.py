@@ -43,6 +43,15 @@ BUNDLES = {
         "pipelines/sampling_utils",
         "pipelines/pipeline_dmd",
     ],
+    "pipeline_progressive": [
+        "scalings",
+        "solvers",
+        "schedulers/scheduling_utils",
+        "schedulers/scheduling_edm_ddim",
+        "pipelines/pipeline_io",
+        "pipelines/sampling_utils",
+        "pipelines/pipeline_progressive",
+    ],
 }
 
 
