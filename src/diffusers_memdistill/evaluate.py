@@ -241,6 +241,19 @@ def local_model_folder(model: str) -> str:
         raise FileNotFoundError(f"--model {model} is neither a saved pipeline folder nor a Hub id: {exc}") from exc
 
 
+def takes_prompts(model: str) -> bool:
+    """Whether a saved folder or Hub id holds a text-to-image pipeline (its registration takes prompts), or the LoRA
+    weights of one (``pytorch_lora_weights.safetensors`` without ``model_index.json``); read from the folder's
+    records, without loading weights."""
+    from .registry import pipeline_class_name, registration_for
+
+    path = local_model_folder(model)
+    if not os.path.isfile(os.path.join(path, "model_index.json")) and os.path.isfile(
+            os.path.join(path, "pytorch_lora_weights.safetensors")):
+        return True
+    return registration_for(pipeline_class_name(path)).takes_prompts
+
+
 def _training_config(path: str) -> dict:
     config_path = os.path.join(path, "training_config.json")
     if not os.path.isfile(config_path):
@@ -254,7 +267,7 @@ def evaluate(
     model_paths: list,
     output_dir: str,
     num_samples: int = 1000,
-    metrics: tuple = ("l2", "pairing"),
+    metrics: tuple | None = None,
     seed: int = 0,
     batch_size: int = 256,
     student_steps: tuple = (1,),
@@ -266,19 +279,30 @@ def evaluate(
     cache_dir: str | None = None,
     device: str | None = None,
     names: list | None = None,
-    sscd_preprocessing: str | tuple = "sscd",
+    sscd_preprocessing: str | tuple | None = None,
     sscd_threshold: float = 0.5,
     floor: bool = True,
+    samples_per_prompt: int = 4,
+    guidance_scale: float | None = 7.5,
+    num_inference_steps: int | None = None,
+    num_prompts: int | None = None,
+    clip_model: str = "ViT-L-14",
+    clip_pretrained: str = "openai",
 ) -> dict:
     r"""
     Sample and measure every model; write the 8-bit samples, ``metrics.json``, ``report.md`` and figures.
+
+    Text-to-image pipelines (registered with ``takes_prompts``, or LoRA folders of one) are audited prompt by prompt
+    instead, by [`~evaluate_text_to_image.evaluate_text_to_image`], which also takes ``samples_per_prompt``,
+    ``guidance_scale``, ``num_inference_steps``, ``num_prompts``, ``clip_model`` and ``clip_pretrained``; ``metrics``
+    and ``sscd_preprocessing`` None then mean ``clip,sscd`` and both preprocessings.
 
     Args:
         model_paths (`list[str]`): saved folders of pipelines registered in ``diffusers_memdistill.registry`` (teachers
             such as ``EDMPipeline``, students such as ``ConsistencyStudentPipeline``, one-step generators).
         output_dir (`str`): where ``samples/``, ``metrics.json``, ``report.md`` and ``figures/`` go.
         num_samples (`int`, defaults to 1000): samples per model, sample i from the noise streams of index i.
-        metrics (`tuple[str]`): a subset of ``METRICS``.
+        metrics (`tuple[str]`, *optional*): a subset of ``METRICS``; defaults to ``("l2", "pairing")``.
         seed (`int`, defaults to 0): the seed of every random stream (see the module docstring).
         batch_size (`int`, defaults to 256): sampling batch size (the samples do not depend on it).
         student_steps (`tuple[int]`, defaults to `(1,)`): one row per number of student steps.
@@ -289,7 +313,7 @@ def evaluate(
         cache_dir (`str`, *optional*): cache of training-set feature statistics.
         device (`str`, *optional*): ``"cuda"`` or ``"cpu"`` (CUDA when available).
         names (`list[str]`, *optional*): report names of the models, in order.
-        sscd_preprocessing (`str` or `tuple[str]`, defaults to `"sscd"`): ``"sscd"``, ``"dcr"`` or both; one SSCD
+        sscd_preprocessing (`str` or `tuple[str]`, *optional*): ``"sscd"`` (the default), ``"dcr"`` or both; one SSCD
             column each.
         sscd_threshold (`float`, defaults to 0.5): SSCD similarity above which a sample counts as a copy.
         floor (`bool`, defaults to `True`): also score held-out real images of the same distribution (the floor
@@ -298,6 +322,25 @@ def evaluate(
     Returns:
         `dict`: the results written to ``metrics.json``.
     """
+    folders = [local_model_folder(model) for model in model_paths]  # a Hub id is downloaded (or found) once
+    text_to_image = [takes_prompts(folder) for folder in folders]
+    if any(text_to_image):
+        from .evaluate_text_to_image import TEXT_TO_IMAGE_METRICS, evaluate_text_to_image
+
+        if not all(text_to_image):
+            raise ValueError("Text-to-image models and models without prompts cannot share one evaluation: evaluate "
+                             "them separately.")
+        return evaluate_text_to_image(
+            folders, output_dir, train_data=train_data, seed=seed,
+            names=names or [os.path.basename(os.path.normpath(model)) for model in model_paths], batch_size=batch_size,
+            device=device, metrics=TEXT_TO_IMAGE_METRICS if metrics is None else tuple(metrics),
+            sscd_preprocessing=("sscd", "dcr") if sscd_preprocessing is None else sscd_preprocessing,
+            sscd_threshold=sscd_threshold, sscd_weights=sscd_weights, sscd_onnx=sscd_onnx,
+            samples_per_prompt=samples_per_prompt, guidance_scale=guidance_scale,
+            num_inference_steps=num_inference_steps, num_prompts=num_prompts, clip_model=clip_model,
+            clip_pretrained=clip_pretrained)
+    metrics = ("l2", "pairing") if metrics is None else metrics
+    sscd_preprocessing = "sscd" if sscd_preprocessing is None else sscd_preprocessing
     settings = _settings(metrics, sscd_preprocessing, sscd_threshold, floor, sscd_weights, sscd_onnx,
                          inception_weights, cache_dir)
     if num_samples < 2:
@@ -315,8 +358,7 @@ def evaluate(
     from .registry import load_pipeline
 
     runs, run_sets, train_sets, set_ids, configs, registrations = [], {}, {}, {}, {}, {}
-    for k, model in enumerate(model_paths):
-        path = local_model_folder(model)
+    for k, (model, path) in enumerate(zip(model_paths, folders)):
         pipeline, registration = load_pipeline(path)
         kind = registration.kind
         base = names[k] if names else os.path.basename(os.path.normpath(model))
@@ -1099,7 +1141,8 @@ def _versions() -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # Command line.
 
-_SAMPLING_ONLY = ("num_samples", "seed", "batch_size", "student_steps", "teacher_steps", "train_data")
+_SAMPLING_ONLY = ("num_samples", "seed", "batch_size", "student_steps", "teacher_steps", "train_data",
+                  "samples_per_prompt", "guidance_scale", "num_inference_steps", "num_prompts")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -1147,7 +1190,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--teacher_steps", type=int, default=None, help="Heun steps of EDM teachers (default: the "
                           "scheduler's, 18).")
     sampling.add_argument("--train_data", default=None,
-                          help="Training data to compare against, instead of each model's training_set.json.")
+                          help="Training data to compare against, instead of each model's training_set.json; for "
+                               "text-to-image models the image–caption pairs to audit (an imagefolder with "
+                               "metadata.jsonl, a saved or Hub dataset with image and text columns).")
+    t2i = parser.add_argument_group("text-to-image audit (models whose pipeline takes prompts, e.g. StableDiffusion"
+                                    "Pipeline, or LoRA folders of one)")
+    t2i.add_argument("--samples_per_prompt", type=int, default=None, help="Seeds per prompt (default 4).")
+    t2i.add_argument("--guidance_scale", type=float, default=None, help="Classifier-free guidance scale (default 7.5).")
+    t2i.add_argument("--num_inference_steps", type=int, default=None,
+                     help="Sampling steps (default: the registration's, 50 for StableDiffusionPipeline).")
+    t2i.add_argument("--num_prompts", type=int, default=None,
+                     help="A seeded subset of this many training prompts (default: every distinct caption).")
+    t2i.add_argument("--clip_model", default=None, help="open_clip model of the CLIP score (default ViT-L-14).")
+    t2i.add_argument("--clip_pretrained", default=None,
+                     help="Its pretrained tag or a local checkpoint file (default openai).")
     memo = parser.add_argument_group("memorization")
     memo.add_argument("--sscd_preprocessing", default=None,
                       help="SSCD preprocessing, one column each if both: 'sscd' (the SSCD authors': resize to 288, "
@@ -1207,15 +1263,26 @@ def main(args) -> int:
     results = evaluate(
         args.models, args.output_dir,
         num_samples=1000 if args.num_samples is None else args.num_samples,
-        metrics=metrics or _split(DEFAULT_METRICS),
+        metrics=metrics or (None if any(takes_prompts(m) for m in args.models) else _split(DEFAULT_METRICS)),
         seed=0 if args.seed is None else args.seed,
         batch_size=256 if args.batch_size is None else args.batch_size,
         student_steps=tuple(int(s) for s in steps), teacher_steps=args.teacher_steps, train_data=args.train_data,
         sscd_weights=args.sscd_weights, sscd_onnx=args.sscd_onnx, inception_weights=args.inception_weights,
         cache_dir=args.cache_dir, device=args.device,
-        sscd_preprocessing=_split(args.sscd_preprocessing) or "sscd",
+        sscd_preprocessing=_split(args.sscd_preprocessing),
         sscd_threshold=0.5 if args.sscd_threshold is None else args.sscd_threshold,
-        floor=True if args.floor is None else args.floor)
+        floor=True if args.floor is None else args.floor,
+        samples_per_prompt=4 if args.samples_per_prompt is None else args.samples_per_prompt,
+        guidance_scale=7.5 if args.guidance_scale is None else args.guidance_scale,
+        num_inference_steps=args.num_inference_steps, num_prompts=args.num_prompts,
+        clip_model=args.clip_model or "ViT-L-14", clip_pretrained=args.clip_pretrained or "openai")
+    if results.get("kind") == "text_to_image":
+        from .evaluate_text_to_image import render_text_to_image_report
+
+        print(render_text_to_image_report(results))
+        print(f"Wrote {os.path.join(args.output_dir, 'report.md')}, metrics.json and the generations in "
+              f"{os.path.join(args.output_dir, SAMPLES_DIR)}.")
+        return 0
     print(render_report(results))
     print(f"Wrote {os.path.join(args.output_dir, 'report.md')}, metrics.json and the samples in "
           f"{os.path.join(args.output_dir, SAMPLES_DIR)}.")
