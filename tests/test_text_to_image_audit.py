@@ -209,7 +209,7 @@ def test_memdistill_evaluate_audits_a_fine_tuned_model_and_its_lora(tmp_path, mo
         assert results["models"][name]["training"]["clip"]["num_samples"] == 3 * 2
         assert len(results["models"][name]["training"]["prompts"]) == 3
     assert "| lora | held-out |" in (out / "report.md").read_text()
-    with pytest.raises(ValueError, match="cannot share one evaluation"):
+    with pytest.raises(ValueError, match="generate from prompts: audit text-to-image models with"):
         from conftest import tiny_unet
         from diffusers import DDPMPipeline, DDPMScheduler
 

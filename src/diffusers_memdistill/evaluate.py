@@ -267,7 +267,7 @@ def evaluate(
     model_paths: list,
     output_dir: str,
     num_samples: int = 1000,
-    metrics: tuple | None = None,
+    metrics: tuple = ("l2", "pairing"),
     seed: int = 0,
     batch_size: int = 256,
     student_steps: tuple = (1,),
@@ -279,30 +279,22 @@ def evaluate(
     cache_dir: str | None = None,
     device: str | None = None,
     names: list | None = None,
-    sscd_preprocessing: str | tuple | None = None,
+    sscd_preprocessing: str | tuple = "sscd",
     sscd_threshold: float = 0.5,
     floor: bool = True,
-    samples_per_prompt: int = 4,
-    guidance_scale: float | None = 7.5,
-    num_inference_steps: int | None = None,
-    num_prompts: int | None = None,
-    clip_model: str = "ViT-L-14",
-    clip_pretrained: str = "openai",
 ) -> dict:
     r"""
     Sample and measure every model; write the 8-bit samples, ``metrics.json``, ``report.md`` and figures.
 
     Text-to-image pipelines (registered with ``takes_prompts``, or LoRA folders of one) are audited prompt by prompt
-    instead, by [`~evaluate_text_to_image.evaluate_text_to_image`], which also takes ``samples_per_prompt``,
-    ``guidance_scale``, ``num_inference_steps``, ``num_prompts``, ``clip_model`` and ``clip_pretrained``; ``metrics``
-    and ``sscd_preprocessing`` None then mean ``clip,sscd`` and both preprocessings.
+    by [`~evaluate_text_to_image.evaluate_text_to_image`] instead (``memdistill evaluate`` chooses for you).
 
     Args:
         model_paths (`list[str]`): saved folders of pipelines registered in ``diffusers_memdistill.registry`` (teachers
             such as ``EDMPipeline``, students such as ``ConsistencyStudentPipeline``, one-step generators).
         output_dir (`str`): where ``samples/``, ``metrics.json``, ``report.md`` and ``figures/`` go.
         num_samples (`int`, defaults to 1000): samples per model, sample i from the noise streams of index i.
-        metrics (`tuple[str]`, *optional*): a subset of ``METRICS``; defaults to ``("l2", "pairing")``.
+        metrics (`tuple[str]`): a subset of ``METRICS``.
         seed (`int`, defaults to 0): the seed of every random stream (see the module docstring).
         batch_size (`int`, defaults to 256): sampling batch size (the samples do not depend on it).
         student_steps (`tuple[int]`, defaults to `(1,)`): one row per number of student steps.
@@ -313,7 +305,7 @@ def evaluate(
         cache_dir (`str`, *optional*): cache of training-set feature statistics.
         device (`str`, *optional*): ``"cuda"`` or ``"cpu"`` (CUDA when available).
         names (`list[str]`, *optional*): report names of the models, in order.
-        sscd_preprocessing (`str` or `tuple[str]`, *optional*): ``"sscd"`` (the default), ``"dcr"`` or both; one SSCD
+        sscd_preprocessing (`str` or `tuple[str]`, defaults to `"sscd"`): ``"sscd"``, ``"dcr"`` or both; one SSCD
             column each.
         sscd_threshold (`float`, defaults to 0.5): SSCD similarity above which a sample counts as a copy.
         floor (`bool`, defaults to `True`): also score held-out real images of the same distribution (the floor
@@ -323,24 +315,10 @@ def evaluate(
         `dict`: the results written to ``metrics.json``.
     """
     folders = [local_model_folder(model) for model in model_paths]  # a Hub id is downloaded (or found) once
-    text_to_image = [takes_prompts(folder) for folder in folders]
-    if any(text_to_image):
-        from .evaluate_text_to_image import TEXT_TO_IMAGE_METRICS, evaluate_text_to_image
-
-        if not all(text_to_image):
-            raise ValueError("Text-to-image models and models without prompts cannot share one evaluation: evaluate "
-                             "them separately.")
-        return evaluate_text_to_image(
-            folders, output_dir, train_data=train_data, seed=seed,
-            names=names or [os.path.basename(os.path.normpath(model)) for model in model_paths], batch_size=batch_size,
-            device=device, metrics=TEXT_TO_IMAGE_METRICS if metrics is None else tuple(metrics),
-            sscd_preprocessing=("sscd", "dcr") if sscd_preprocessing is None else sscd_preprocessing,
-            sscd_threshold=sscd_threshold, sscd_weights=sscd_weights, sscd_onnx=sscd_onnx,
-            samples_per_prompt=samples_per_prompt, guidance_scale=guidance_scale,
-            num_inference_steps=num_inference_steps, num_prompts=num_prompts, clip_model=clip_model,
-            clip_pretrained=clip_pretrained)
-    metrics = ("l2", "pairing") if metrics is None else metrics
-    sscd_preprocessing = "sscd" if sscd_preprocessing is None else sscd_preprocessing
+    prompted = [model for model, folder in zip(model_paths, folders) if takes_prompts(folder)]
+    if prompted:
+        raise ValueError(f"{', '.join(prompted)} generate from prompts: audit text-to-image models with "
+                         "evaluate_text_to_image (memdistill evaluate does), and never together with others.")
     settings = _settings(metrics, sscd_preprocessing, sscd_threshold, floor, sscd_weights, sscd_onnx,
                          inception_weights, cache_dir)
     if num_samples < 2:
@@ -1143,6 +1121,9 @@ def _versions() -> dict:
 
 _SAMPLING_ONLY = ("num_samples", "seed", "batch_size", "student_steps", "teacher_steps", "train_data",
                   "samples_per_prompt", "guidance_scale", "num_inference_steps", "num_prompts")
+# Flags of the text-to-image audit only (evaluate_text_to_image.EvaluateCommand runs it).
+TEXT_TO_IMAGE_ONLY = ("samples_per_prompt", "guidance_scale", "num_inference_steps", "num_prompts", "clip_model",
+                      "clip_pretrained")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -1259,30 +1240,22 @@ def main(args) -> int:
         return 0
     if args.output_dir is None:
         raise ValueError("--output_dir is required with --model.")
+    given = [f"--{k}" for k in TEXT_TO_IMAGE_ONLY if getattr(args, k, None) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} apply to text-to-image models; these models take no prompts.")
     steps = _split(args.student_steps) or ("1",)
     results = evaluate(
         args.models, args.output_dir,
         num_samples=1000 if args.num_samples is None else args.num_samples,
-        metrics=metrics or (None if any(takes_prompts(m) for m in args.models) else _split(DEFAULT_METRICS)),
+        metrics=metrics or _split(DEFAULT_METRICS),
         seed=0 if args.seed is None else args.seed,
         batch_size=256 if args.batch_size is None else args.batch_size,
         student_steps=tuple(int(s) for s in steps), teacher_steps=args.teacher_steps, train_data=args.train_data,
         sscd_weights=args.sscd_weights, sscd_onnx=args.sscd_onnx, inception_weights=args.inception_weights,
         cache_dir=args.cache_dir, device=args.device,
-        sscd_preprocessing=_split(args.sscd_preprocessing),
+        sscd_preprocessing=_split(args.sscd_preprocessing) or "sscd",
         sscd_threshold=0.5 if args.sscd_threshold is None else args.sscd_threshold,
-        floor=True if args.floor is None else args.floor,
-        samples_per_prompt=4 if args.samples_per_prompt is None else args.samples_per_prompt,
-        guidance_scale=7.5 if args.guidance_scale is None else args.guidance_scale,
-        num_inference_steps=args.num_inference_steps, num_prompts=args.num_prompts,
-        clip_model=args.clip_model or "ViT-L-14", clip_pretrained=args.clip_pretrained or "openai")
-    if results.get("kind") == "text_to_image":
-        from .evaluate_text_to_image import render_text_to_image_report
-
-        print(render_text_to_image_report(results))
-        print(f"Wrote {os.path.join(args.output_dir, 'report.md')}, metrics.json and the generations in "
-              f"{os.path.join(args.output_dir, SAMPLES_DIR)}.")
-        return 0
+        floor=True if args.floor is None else args.floor)
     print(render_report(results))
     print(f"Wrote {os.path.join(args.output_dir, 'report.md')}, metrics.json and the samples in "
           f"{os.path.join(args.output_dir, SAMPLES_DIR)}.")

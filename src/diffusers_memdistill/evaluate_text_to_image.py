@@ -37,6 +37,7 @@ from .evaluate import (
     _sscd_extractor,
     _versions,
     _write_json,
+    add_arguments,
     local_model_folder,
     save_samples,
     shared_noise,
@@ -571,3 +572,41 @@ def evaluate_text_to_image(model_paths: list, output_dir: str, *, train_data: st
     pairs, training, held, note = sets
     return audit_text_to_image(pipelines, output_dir, pairs, training, held, seed=seed, paths=paths,
                                floor_note=note, **kwargs)
+
+
+class EvaluateCommand:
+    """``memdistill evaluate``: the text-to-image audit for models whose pipeline takes prompts (or LoRA folders of
+    one), the evaluation of `diffusers_memdistill.evaluate` for every other model; the flags are those of
+    `evaluate.add_arguments`."""
+
+    add_arguments = staticmethod(add_arguments)
+
+    @staticmethod
+    def main(args) -> int:
+        from .evaluate import _split, takes_prompts
+        from .evaluate import main as evaluate_main
+
+        if args.from_samples or not any(takes_prompts(model) for model in args.models):
+            return evaluate_main(args)
+        if args.output_dir is None:
+            raise ValueError("--output_dir is required with --model.")
+        pixel_only = [f"--{k}" for k in ("num_samples", "student_steps", "teacher_steps", "inception_weights",
+                                         "cache_dir", "floor") if getattr(args, k, None) is not None]
+        if pixel_only:
+            raise ValueError(f"{', '.join(pixel_only)} do not apply to the text-to-image audit.")
+        metrics = _split(args.metrics)
+        results = evaluate_text_to_image(
+            args.models, args.output_dir, train_data=args.train_data, seed=0 if args.seed is None else args.seed,
+            batch_size=16 if args.batch_size is None else args.batch_size, device=args.device,
+            metrics=metrics or TEXT_TO_IMAGE_METRICS,
+            sscd_preprocessing=_split(args.sscd_preprocessing) or ("sscd", "dcr"),
+            sscd_threshold=0.5 if args.sscd_threshold is None else args.sscd_threshold,
+            sscd_weights=args.sscd_weights, sscd_onnx=args.sscd_onnx,
+            samples_per_prompt=DEFAULT_SAMPLES_PER_PROMPT if args.samples_per_prompt is None else args.samples_per_prompt,
+            guidance_scale=DEFAULT_GUIDANCE_SCALE if args.guidance_scale is None else args.guidance_scale,
+            num_inference_steps=args.num_inference_steps, num_prompts=args.num_prompts,
+            clip_model=args.clip_model or "ViT-L-14", clip_pretrained=args.clip_pretrained or "openai")
+        print(render_text_to_image_report(results))
+        print(f"Wrote {os.path.join(args.output_dir, 'report.md')}, metrics.json and the generations in "
+              f"{os.path.join(args.output_dir, SAMPLES_DIR)}.")
+        return 0
