@@ -176,9 +176,11 @@ def test_lookups_and_errors(tmp_path):
     assert set(registered_pipelines()) >= {"EDMPipeline", "ConsistencyStudentPipeline", "DDPMPipeline", "DDIMPipeline",
                                            "ConsistencyModelPipeline"}
     assert registration_for(EDMPipeline) is registration_for("EDMPipeline")
-    with pytest.raises(UnregisteredPipelineError, match="StableDiffusionPipeline is not registered.*DDIMPipeline, "
+    with pytest.raises(UnregisteredPipelineError, match="KandinskyPipeline is not registered.*DDIMPipeline, "
                                                         "DDPMPipeline, (.*, )?EDMPipeline"):
-        registration_for("StableDiffusionPipeline")
+        registration_for("KandinskyPipeline")
+    sd = registration_for("StableDiffusionPipeline")
+    assert sd.takes_prompts and sd.space == "latent" and sd.kind == "teacher"
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "model_index.json").write_text('{"_class_name": ["pipeline_x", "OtherPipeline"]}')
     assert pipeline_class_name(str(tmp_path / "other")) == "OtherPipeline"

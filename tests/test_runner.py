@@ -428,7 +428,7 @@ def test_the_student_records_the_lpips_weights_it_was_trained_with(tmp_path):
     assert "lpips_sha256" not in without.config
 
 
-def test_batches_carry_labels_and_captions_of_the_same_images(tmp_path):
+def test_batches_carry_indices_labels_and_captions_of_the_same_images(tmp_path):
     n = 12
     images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 4, 4).contiguous()
     record = {"format": 1, "dataset": "toy", "sha256": images_sha256(images), "num_images": n, "num_examples": n}
@@ -439,6 +439,7 @@ def test_batches_carry_labels_and_captions_of_the_same_images(tmp_path):
     def step(nets, batch, generator):
         index = ((batch["pixel_values"][:, 0, 0, 0] + 1) * 127.5).round().long()
         seen.append((index.tolist(), batch["class_labels"].tolist(), batch["captions"]))
+        assert batch["indices"].tolist() == index.tolist()  # each example's position in the training set
         return (nets["a"](batch["pixel_values"]) - batch["pixel_values"]).square().mean()
 
     reset_accelerate_state()

@@ -18,8 +18,9 @@ SUBCOMMANDS = {
         "(CPU, minutes).",
     ),
     "evaluate": (
-        "diffusers_memdistill.evaluate",
-        "Sample saved models with shared seeds and measure quality and memorization; writes metrics.json and report.md.",
+        "diffusers_memdistill.evaluate_text_to_image:EvaluateCommand",
+        "Sample saved models with shared seeds and measure quality and memorization (text-to-image models prompt by "
+        "prompt); writes metrics.json and report.md.",
     ),
     "theory": (
         "diffusers_memdistill.analysis.theory_cli",

@@ -241,6 +241,19 @@ def local_model_folder(model: str) -> str:
         raise FileNotFoundError(f"--model {model} is neither a saved pipeline folder nor a Hub id: {exc}") from exc
 
 
+def takes_prompts(model: str) -> bool:
+    """Whether a saved folder or Hub id holds a text-to-image pipeline (its registration takes prompts), or the LoRA
+    weights of one (``pytorch_lora_weights.safetensors`` without ``model_index.json``); read from the folder's
+    records, without loading weights."""
+    from .registry import pipeline_class_name, registration_for
+
+    path = local_model_folder(model)
+    if not os.path.isfile(os.path.join(path, "model_index.json")) and os.path.isfile(
+            os.path.join(path, "pytorch_lora_weights.safetensors")):
+        return True
+    return registration_for(pipeline_class_name(path)).takes_prompts
+
+
 def _training_config(path: str) -> dict:
     config_path = os.path.join(path, "training_config.json")
     if not os.path.isfile(config_path):
@@ -273,6 +286,9 @@ def evaluate(
     r"""
     Sample and measure every model; write the 8-bit samples, ``metrics.json``, ``report.md`` and figures.
 
+    Text-to-image pipelines (registered with ``takes_prompts``, or LoRA folders of one) are audited prompt by prompt
+    by [`~evaluate_text_to_image.evaluate_text_to_image`] instead (``memdistill evaluate`` chooses for you).
+
     Args:
         model_paths (`list[str]`): saved folders of pipelines registered in ``diffusers_memdistill.registry`` (teachers
             such as ``EDMPipeline``, students such as ``ConsistencyStudentPipeline``, one-step generators).
@@ -298,6 +314,11 @@ def evaluate(
     Returns:
         `dict`: the results written to ``metrics.json``.
     """
+    folders = [local_model_folder(model) for model in model_paths]  # a Hub id is downloaded (or found) once
+    prompted = [model for model, folder in zip(model_paths, folders) if takes_prompts(folder)]
+    if prompted:
+        raise ValueError(f"{', '.join(prompted)} generate from prompts: audit text-to-image models with "
+                         "evaluate_text_to_image (memdistill evaluate does), and never together with others.")
     settings = _settings(metrics, sscd_preprocessing, sscd_threshold, floor, sscd_weights, sscd_onnx,
                          inception_weights, cache_dir)
     if num_samples < 2:
@@ -316,8 +337,7 @@ def evaluate(
     from .registry import load_pipeline
 
     runs, run_sets, train_sets, set_ids, configs, registrations = [], {}, {}, {}, {}, {}
-    for k, model in enumerate(model_paths):
-        path = local_model_folder(model)
+    for k, (model, path) in enumerate(zip(model_paths, folders)):
         pipeline, registration = load_pipeline(path)
         kind = registration.kind
         base = names[k] if names else os.path.basename(os.path.normpath(model))
@@ -1105,7 +1125,11 @@ def _versions() -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # Command line.
 
-_SAMPLING_ONLY = ("num_samples", "seed", "batch_size", "student_steps", "teacher_steps", "train_data")
+_SAMPLING_ONLY = ("num_samples", "seed", "batch_size", "student_steps", "teacher_steps", "train_data",
+                  "samples_per_prompt", "guidance_scale", "num_inference_steps", "num_prompts")
+# Flags of the text-to-image audit only (evaluate_text_to_image.EvaluateCommand runs it).
+TEXT_TO_IMAGE_ONLY = ("samples_per_prompt", "guidance_scale", "num_inference_steps", "num_prompts", "clip_model",
+                      "clip_pretrained")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -1153,7 +1177,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--teacher_steps", type=int, default=None, help="Heun steps of EDM teachers (default: the "
                           "scheduler's, 18).")
     sampling.add_argument("--train_data", default=None,
-                          help="Training data to compare against, instead of each model's training_set.json.")
+                          help="Training data to compare against, instead of each model's training_set.json; for "
+                               "text-to-image models the image–caption pairs to audit (an imagefolder with "
+                               "metadata.jsonl, a saved or Hub dataset with image and text columns).")
+    t2i = parser.add_argument_group("text-to-image audit (models whose pipeline takes prompts, e.g. StableDiffusion"
+                                    "Pipeline, or LoRA folders of one)")
+    t2i.add_argument("--samples_per_prompt", type=int, default=None, help="Seeds per prompt (default 4).")
+    t2i.add_argument("--guidance_scale", type=float, default=None, help="Classifier-free guidance scale (default 7.5).")
+    t2i.add_argument("--num_inference_steps", type=int, default=None,
+                     help="Sampling steps (default: the registration's, 50 for StableDiffusionPipeline).")
+    t2i.add_argument("--num_prompts", type=int, default=None,
+                     help="A seeded subset of this many training prompts (default: every distinct caption).")
+    t2i.add_argument("--clip_model", default=None, help="open_clip model of the CLIP score (default ViT-L-14).")
+    t2i.add_argument("--clip_pretrained", default=None,
+                     help="Its pretrained tag or a local checkpoint file (default openai).")
     memo = parser.add_argument_group("memorization")
     memo.add_argument("--sscd_preprocessing", default=None,
                       help="SSCD preprocessing, one column each if both: 'sscd' (the SSCD authors': resize to 288, "
@@ -1209,6 +1246,9 @@ def main(args) -> int:
         return 0
     if args.output_dir is None:
         raise ValueError("--output_dir is required with --model.")
+    given = [f"--{k}" for k in TEXT_TO_IMAGE_ONLY if getattr(args, k, None) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} apply to text-to-image models; these models take no prompts.")
     steps = _split(args.student_steps) or ("1",)
     results = evaluate(
         args.models, args.output_dir,

@@ -22,9 +22,10 @@ model, how to sample it from given noise, and in which space its samples live. A
 
 Registered here: the package's `EDMPipeline` (teacher), `ConsistencyStudentPipeline` (student),
 `DMDGeneratorPipeline` and `ProgressiveDistillationPipeline` (generators, sampled with their trained steps), and
-diffusers' `DDPMPipeline`, `DDIMPipeline` (teachers) and `ConsistencyModelPipeline` (student). `RefinedPipeline` (a
-registered generator's samples refined by an EDM teacher, 000 App. A) registers itself where it is defined,
-`pipelines/pipeline_refined.py`, which uses this registry; `memdistill evaluate` imports it.
+diffusers' `DDPMPipeline`, `DDIMPipeline` (teachers), `ConsistencyModelPipeline` (student) and
+`StableDiffusionPipeline` (a text-to-image teacher in latent space; its ``sample`` also takes ``guidance_scale``).
+`RefinedPipeline` (a registered generator's samples refined by an EDM teacher, 000 App. A) registers itself where it
+is defined, `pipelines/pipeline_refined.py`, which uses this registry; `memdistill evaluate` imports it.
 
 Adding a pipeline is one call, wherever the pipeline is defined::
 
@@ -265,6 +266,7 @@ def sample_images(
     prompts: Optional[Sequence[str]] = None,
     num_inference_steps=None,
     batch_size: Optional[int] = None,
+    guidance_scale: Optional[float] = None,
 ) -> torch.Tensor:
     """Sample a registered pipeline from given starting noise, in batches; images in [0, 1], float32 NCHW, CPU.
 
@@ -277,6 +279,8 @@ def sample_images(
         prompts (`Sequence[str]`, *optional*): one prompt per sample (text-to-image pipelines).
         num_inference_steps (*optional*): passed to the registration's ``sample``; defaults to its default steps.
         batch_size (`int`, *optional*): samples per call; all at once when omitted.
+        guidance_scale (`float`, *optional*): classifier-free guidance of text-to-image pipelines, passed to their
+            ``sample`` as ``guidance_scale=`` when given (the pipeline's default otherwise).
 
     Returns:
         `torch.Tensor` of shape (N, *image_shape); NaNs are kept.
@@ -294,14 +298,18 @@ def sample_images(
             raise ValueError(f"Got {len(values)} {name} for {n} samples.")
     if class_labels is not None and not registration.num_classes(pipe):
         raise ValueError(f"{registration.name} is unconditional: class_labels cannot be used.")
+    if guidance_scale is not None and not registration.takes_prompts:
+        raise ValueError(f"{registration.name} takes no prompts: guidance_scale cannot be used.")
     if num_inference_steps is None:
         num_inference_steps = registration.steps(pipe)
+    extra = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
     images = []
     for index in _chunks(n, batch_size):
         labels = _take(class_labels, index)
         samples = registration.sample(pipe, latents[index], generators[index],
                                       class_labels=None if labels is None else torch.as_tensor(labels).tolist(),
-                                      prompts=_take(prompts, index), num_inference_steps=num_inference_steps)
+                                      prompts=_take(prompts, index), num_inference_steps=num_inference_steps,
+                                      **extra)
         images.append(_to_images(registration, pipe, samples))
     return torch.cat(images)
 
@@ -408,6 +416,19 @@ def _sample_consistency_model(pipe, latents, generators, class_labels=None, prom
     return sample_with_scheduler_loop(pipe, latents, generators, class_labels, num_inference_steps)
 
 
+def _sample_stable_diffusion(pipe, latents, generators, class_labels=None, prompts=None, num_inference_steps=None,
+                             guidance_scale=None):
+    """diffusers' StableDiffusionPipeline from GIVEN unit-variance latents (it scales them by the scheduler's
+    ``init_noise_sigma``) and one prompt per sample; the final latents (``output_type="latent"``)."""
+    if prompts is None:
+        raise ValueError("StableDiffusionPipeline samples from prompts: pass one prompt per sample.")
+    kwargs = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(prompt=list(prompts), latents=latents.to(pipe._execution_device, pipe.unet.dtype),
+                generator=list(generators), num_inference_steps=num_inference_steps, output_type="latent",
+                **kwargs).images
+
+
 def _register_defaults():
     from .pipelines.pipeline_consistency import ConsistencyStudentPipeline
     from .pipelines.pipeline_dmd import DMDGeneratorPipeline
@@ -427,6 +448,8 @@ def _register_defaults():
                       default_steps=lambda pipe: pipe.scheduler.config.num_train_timesteps)
     register_pipeline("DDIMPipeline", kind="teacher", sample=_sample_ddim, default_steps=50)
     register_pipeline("ConsistencyModelPipeline", kind="student", sample=_sample_consistency_model, default_steps=1)
+    register_pipeline("StableDiffusionPipeline", kind="teacher", sample=_sample_stable_diffusion, space="latent",
+                      default_steps=50, takes_prompts=True)
 
 
 _register_defaults()

@@ -217,3 +217,35 @@ __all__ = [
     "plot_ratio_histograms",
     "plot_similarity_histograms",
 ]
+
+
+def plot_copied_prompts(
+    generated: torch.Tensor,
+    training: torch.Tensor,
+    prompts: Sequence[str],
+    scores: Sequence[float],
+    *,
+    path: str | os.PathLike | None = None,
+) -> Figure:
+    r"""
+    The most-copied prompts of a text-to-image model: each generation beside the training image of its prompt.
+
+    Args:
+        generated (`torch.Tensor` of shape `(K, C, H, W)`): one generation per row (the most similar seed), in [0, 1].
+        training (`torch.Tensor` of shape `(K, C, H, W)`): the training image of each row's prompt, in [0, 1].
+        prompts (`Sequence[str]`): each row's prompt.
+        scores (`Sequence[float]`): each row's SSCD similarity of the generation to the training image.
+        path (`str`, *optional*): where to save.
+    """
+    rows = max(1, len(prompts))
+    fig = _new_figure(5.0, 2.0 * rows)
+    cmap = "gray" if generated.shape[1] == 1 else None
+    for r, (prompt, score) in enumerate(zip(prompts, scores)):
+        short = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+        for c, (img, title) in enumerate(((generated[r], f"generated (SSCD {score:.3f})"),
+                                          (training[r], "training image"))):
+            ax = fig.add_subplot(rows, 2, 2 * r + c + 1)
+            ax.imshow(_to_display(img[None])[0], cmap=cmap, vmin=0, vmax=1)
+            ax.set_title(title if c else f"{short}\n{title}", fontsize=7)
+            ax.axis("off")
+    return _finish(fig, path)

@@ -1,0 +1,217 @@
+"""The text-to-image audit of memdistill evaluate: a planted copy is found prompt by prompt, a held-out caption is
+not; the CLIP score prefers an image's own caption on a tiny CLIP trained here; StableDiffusionPipeline is sampled
+through the registry from given noise; the command line audits a fine-tuned tiny SD (full and LoRA)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image
+
+from conftest import run_script
+from diffusers_memdistill.data import build_training_set, load_heldout_set
+from diffusers_memdistill.evaluate_text_to_image import audit_text_to_image, own_image_similarity
+from diffusers_memdistill.metrics import CLIPFeatureExtractor, SSCDFeatureExtractor, compute_clip_score
+from diffusers_memdistill.registry import register_pipeline, sample_images, unregister_pipeline
+
+COLORS = {"red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1), "yellow": (1, 1, 0), "cyan": (0, 1, 1),
+          "magenta": (1, 0, 1)}
+TRAIN, HELDOUT = ("red", "green", "blue", "yellow"), ("cyan", "magenta")
+
+
+def _image(color, seed):
+    """A tinted random pattern: the colour is what a caption names, the pattern what copy detection sees."""
+    pattern = np.random.default_rng(seed).random((16, 16, 1)) * 0.6 + 0.4
+    return (pattern * np.asarray(COLORS[color]) * 255).round().astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def pairs_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pairs")
+    for split, colors in (("train", TRAIN), ("test", HELDOUT)):
+        (root / split).mkdir()
+        with open(root / split / "metadata.jsonl", "w") as f:
+            for k, color in enumerate(colors):
+                Image.fromarray(_image(color, 10 * k + len(split))).save(root / split / f"{color}.png")
+                f.write(json.dumps({"file_name": f"{color}.png", "text": f"a {color} square"}) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(pairs_dir):
+    """A tiny open_clip CLIP trained contrastively, here, on the six coloured images and their captions."""
+    import open_clip
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(0)
+    model = CLIP(embed_dim=32, vision_cfg=CLIPVisionCfg(layers=1, width=32, patch_size=8, image_size=16, head_width=16),
+                 text_cfg=CLIPTextCfg(context_length=16, vocab_size=49408, width=32, heads=2, layers=1))
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=16)
+    extractor = CLIPFeatureExtractor(model, tokenizer, image_size=16, device="cpu")
+    colors = TRAIN + HELDOUT
+    images = torch.stack([torch.from_numpy(_image(c, 100 + i)).permute(2, 0, 1) for i, c in enumerate(colors)]) / 255
+    x, ids = extractor.preprocess(images), tokenizer([f"a {c} square" for c in colors])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    target = torch.arange(len(colors))
+    for _ in range(40):
+        image_features = torch.nn.functional.normalize(model.encode_image(x + 0.05 * torch.randn_like(x)), dim=1)
+        text_features = torch.nn.functional.normalize(model.encode_text(ids), dim=1)
+        logits = 10 * image_features @ text_features.T
+        loss = (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return extractor
+
+
+class CenteredPixels(torch.nn.Module):
+    """A copy-detection stand-in: the image pooled to 12×12, less each channel's mean; an exact copy has similarity 1,
+    independent patterns about 0."""
+
+    def forward(self, x):
+        pooled = torch.nn.functional.adaptive_avg_pool2d(x, 12)
+        return (pooled - pooled.mean((2, 3), keepdim=True)).flatten(1)
+
+
+def sscd_stand_ins():
+    return {p: SSCDFeatureExtractor(CenteredPixels(), preprocessing=p, device="cpu") for p in ("sscd", "dcr")}
+
+
+class PlantedCopyPipeline(DiffusionPipeline):
+    """Returns the training image of a caption it was planted with, and noise for any other caption."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = {}
+
+    def to(self, *args, **kwargs):  # no weights to move
+        return self
+
+
+def _sample_planted(pipe, latents, generators, class_labels=None, prompts=None, num_inference_steps=None,
+                    guidance_scale=None):
+    out = torch.sigmoid(latents.float())
+    for i, prompt in enumerate(prompts):
+        if prompt in pipe.copies:
+            out[i] = pipe.copies[prompt]
+    return out
+
+
+@pytest.fixture
+def planted():
+    register_pipeline(PlantedCopyPipeline, kind="teacher", sample=_sample_planted, load=lambda path, **kw: None,
+                      noise_shape=lambda pipe: (3, 16, 16), num_classes=lambda pipe: 0, takes_prompts=True)
+    yield PlantedCopyPipeline()
+    unregister_pipeline(PlantedCopyPipeline)
+
+
+def test_clip_score_prefers_the_own_caption(pairs_dir, tiny_clip):
+    pairs = build_training_set(str(pairs_dir), 16, channels=3)
+    images = pairs.images.float() / 255
+    own = compute_clip_score(images, pairs.captions, tiny_clip)
+    wrong = compute_clip_score(images, pairs.captions[1:] + pairs.captions[:1], tiny_clip)
+    assert bool((own > wrong).all()), (own, wrong)
+
+
+def test_own_image_similarity_takes_each_prompts_own_images():
+    features = torch.tensor([[1.0, 0], [0, 1], [1, 1], [1, -1]])  # 2 prompts x 2 seeds
+    own = torch.tensor([[1.0, 0], [0, 1], [1, 1]])
+    sims = own_image_similarity(features, own, [[0], [1, 2]], 2)
+    # Prompt 0 owns [1, 0]; prompt 1 owns [0, 1] and [1, 1]: [1, -1] has cosines -0.71 and 0 with them, so 0.
+    torch.testing.assert_close(sims, torch.tensor([1.0, 0.0, 1.0, 0.0]))
+
+
+def test_a_planted_copy_is_flagged_and_a_heldout_caption_is_not(pairs_dir, tiny_clip, planted, tmp_path):
+    pairs = build_training_set(str(pairs_dir), 16, channels=3)
+    heldout = load_heldout_set(pairs)
+    for caption, image in zip(pairs.captions, pairs.images):
+        planted.copies[caption] = image.float() / 255
+    results = audit_text_to_image({"planted": planted}, str(tmp_path), pairs, pairs, heldout, samples_per_prompt=3,
+                                  num_inference_steps=1, device="cpu", sscd_extractors=sscd_stand_ins(),
+                                  clip_extractor=tiny_clip)
+    model = results["models"]["planted"]
+    for p in ("sscd", "dcr"):
+        own = model["training"]["sscd"][p]["own"]
+        assert own["min"] > 0.999 and own["fraction_memorized"] == 1.0  # SSCD ≈ 1 for every seed of every prompt
+        assert model["training"]["sscd"][p]["nearest"]["fraction_memorized"] == 1.0
+        assert model["heldout"]["sscd"][p]["own"]["fraction_memorized"] == 0.0
+        assert model["heldout"]["sscd"][p]["own"]["max"] < 0.5
+        floor = results["floor"]["sscd"][p]["nearest"]
+        assert floor["num_samples"] == 2 and floor["fraction_memorized"] == 0.0
+    rows = model["training"]["prompts"]
+    assert [r["prompt"] for r in rows] == pairs.captions and all(r["copied"] for r in rows)
+    assert not any(r["copied"] for r in model["heldout"]["prompts"])
+    # CLIP: copies of the training images match their captions better than noise matches the held-out ones.
+    assert model["training"]["clip"]["mean"] > model["heldout"]["clip"]["mean"]
+    assert model["training"]["clip"]["num_samples"] == 4 * 3
+    report = (tmp_path / "report.md").read_text()
+    assert "| planted | training |" in report and "| planted | held-out |" in report and "*floor: 2 held-out" in report
+    assert "4 of 4 prompts have a generation above 0.5" in report
+    assert (tmp_path / "figures" / "most_copied_planted.png").is_file()
+    saved = json.loads((tmp_path / "samples" / "prompts.json").read_text())
+    assert saved["prompts"] == pairs.captions and saved["heldout_prompts"] == heldout.captions
+    with pytest.raises(ValueError, match="--samples_per_prompt must be at least 1"):
+        audit_text_to_image({"planted": planted}, str(tmp_path / "x"), pairs, pairs, samples_per_prompt=0)
+
+
+def test_stable_diffusion_is_sampled_through_the_registry_from_given_noise():
+    from diffusers_memdistill.models.tiny_sd import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline(resolution=16)
+    pipe.set_progress_bar_config(disable=True)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    prompts = ["a handwritten digit 3", "a photo"]
+    expected = pipe(prompts, latents=latents, num_inference_steps=2, guidance_scale=3.0, output_type="pt").images
+    got = sample_images(pipe, latents, prompts=prompts, num_inference_steps=2, guidance_scale=3.0, batch_size=1)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="takes no prompts"):
+        from diffusers import DDPMPipeline, DDPMScheduler
+
+        from conftest import tiny_unet
+
+        sample_images(DDPMPipeline(tiny_unet(), DDPMScheduler()), torch.randn(1, 1, 8, 8), guidance_scale=2.0)
+
+
+@pytest.mark.slow
+def test_memdistill_evaluate_audits_a_fine_tuned_model_and_its_lora(tmp_path, monkeypatch, tiny_clip):
+    from diffusers_memdistill import evaluate as ev
+    from diffusers_memdistill import evaluate_text_to_image as t2i
+    from diffusers_memdistill.cli import main as cli_main
+    from diffusers_memdistill.models.tiny_sd import save_tiny_sd_pipeline
+    from test_finetune_sd_memorize import write_pairs
+
+    base = save_tiny_sd_pipeline(str(tmp_path / "base"), resolution=16)
+    mem = write_pairs(tmp_path / "mem", 6, "a memorized photo number", 0)
+    extra = write_pairs(tmp_path / "extra", 8, "a coco photo number", 1)
+    common = ["--pretrained_model_name_or_path", base, "--memorized_data", mem, "--num_memorized", 3,
+              "--memorized_repeats", 2, "--extra_data", extra, "--extra_ratio", 1, "--resolution", 16,
+              "--train_batch_size", 2, "--max_train_steps", 2, "--checkpointing_steps", 2, "--report_to", "none",
+              "--num_validation_images", 0, "--cache_dir", tmp_path / "cache"]
+    run_script("finetune_sd_memorize", common + ["--output_dir", tmp_path / "full"])
+    run_script("finetune_sd_memorize", common + ["--output_dir", tmp_path / "lora", "--use_lora", "--rank", 2])
+    monkeypatch.setattr(t2i, "_sscd_extractor", lambda settings, p, device: sscd_stand_ins()[p])
+    monkeypatch.setattr(CLIPFeatureExtractor, "from_open_clip", classmethod(lambda cls, *a, **k: tiny_clip))
+    out = tmp_path / "audit"
+    assert cli_main(["evaluate", "--model", str(tmp_path / "full"), "--model", str(tmp_path / "lora"),
+                     "--samples_per_prompt", "2", "--num_inference_steps", "2", "--guidance_scale", "2",
+                     "--device", "cpu", "--output_dir", str(out)]) == 0
+    results = json.loads((out / "metrics.json").read_text())
+    assert results["kind"] == "text_to_image" and results["guidance_scale"] == 2.0
+    assert set(results["models"]) == {"full", "lora"} and results["num_prompts"] == 3
+    assert results["settings"]["sscd_preprocessing"] == ["sscd", "dcr"]  # both by default
+    assert results["training_set"]["num_images"] == 3 + 3  # memorized and extra pairs are the reference
+    # Held-out prompts: the memorized data's pairs that were not chosen (never the extra ones).
+    assert results["num_heldout_prompts"] == 3 and results["floor"]["num_images"] == 3
+    for name in ("full", "lora"):
+        assert results["models"][name]["training"]["clip"]["num_samples"] == 3 * 2
+        assert len(results["models"][name]["training"]["prompts"]) == 3
+    assert "| lora | held-out |" in (out / "report.md").read_text()
+    with pytest.raises(ValueError, match="generate from prompts: audit text-to-image models with"):
+        from conftest import tiny_unet
+        from diffusers import DDPMPipeline, DDPMScheduler
+
+        DDPMPipeline(tiny_unet(), DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
+        ev.evaluate([str(tmp_path / "full"), str(tmp_path / "ddpm")], str(tmp_path / "mixed"))
