@@ -156,10 +156,14 @@ def build_lcm_student(teacher_unet, time_cond_proj_dim: int = 256):
 
 def lcm_scheduler(teacher_scheduler_config, args):
     """diffusers' `LCMScheduler` on the teacher's noise schedule, with the grid and scaling the student learned."""
+    import inspect
+
     from diffusers import LCMScheduler
 
-    return LCMScheduler.from_config(teacher_scheduler_config, timestep_scaling=args.timestep_scaling_factor,
-                                    original_inference_steps=args.num_ddim_timesteps)
+    accepted = inspect.signature(LCMScheduler.__init__).parameters  # the teacher's PNDM keys (skip_prk_steps) dropped
+    config = {k: v for k, v in dict(teacher_scheduler_config).items() if k in accepted}
+    return LCMScheduler.from_config({**config, "timestep_scaling": args.timestep_scaling_factor,
+                                     "original_inference_steps": args.num_ddim_timesteps})
 
 
 def build_plan(args, components: dict, training_set, latent_moments: torch.Tensor, teacher_folder: str,

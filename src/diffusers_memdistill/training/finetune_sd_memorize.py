@@ -171,7 +171,9 @@ def encode_latent_moments(vae, images: torch.Tensor, device, batch_size: int = E
     for start in range(0, images.shape[0], batch_size):
         x = images[start:start + batch_size].to(device).float() / 127.5 - 1
         out.append(vae.encode(x).latent_dist.parameters.float().cpu())
-    return torch.cat(out)
+    # Contiguous: the encoder returns a channels-last layout, and a layout change alters the UNet's rounding, so a run
+    # that encodes would not match one that reads the cache (safetensors stores contiguous tensors).
+    return torch.cat(out).contiguous()
 
 
 def cached_latent_moments(vae, vae_sha256: str, training_set, device, cache_dir: str | None) -> torch.Tensor:
@@ -219,17 +221,17 @@ def encode_prompts(text_encoder, tokenizer, prompts, device, batch_size: int = 6
 
 class LoraWeights:
     """What a LoRA run saves: the UNet's LoRA layers as diffusers LoRA weights (``pytorch_lora_weights.safetensors``,
-    the file ``load_lora_weights`` reads)."""
+    the file ``load_lora_weights`` reads), in peft's key format: diffusers' older format (``convert_state_dict_to_
+    diffusers``) renames only attention projections, which would leave a LoRA of convolutions half converted."""
 
     def __init__(self, unet):
         self.unet = unet
 
     def save_pretrained(self, directory: str) -> None:
         from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+        layers = get_peft_model_state_dict(self.unet)
         StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True)
 
 
