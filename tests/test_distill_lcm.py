@@ -176,12 +176,18 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one_on_the_teache
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     run_script("distill_lcm", _args(data, whole, "--max_train_steps", 4, "--checkpointing_steps", 2,
                                     teacher=data["teacher"]))
-    run_script("distill_lcm", _args(data, parts, "--max_train_steps", 2, "--checkpointing_steps", 2,
+    # The interrupted run also tracks memorization every step: measuring must not change what is trained.
+    track = ["--track_memorization_steps", 1, "--track_memorization_prompts", 2]
+    run_script("distill_lcm", _args(data, parts, "--max_train_steps", 2, "--checkpointing_steps", 2, *track,
                                     teacher=data["teacher"]))
     shutil.rmtree(parts / "unet")  # only the checkpoint is needed to continue
     (parts / "model_index.json").unlink()
     run_script("distill_lcm", _args(data, parts, "--max_train_steps", 4, "--checkpointing_steps", 2,
-                                    "--resume_from_checkpoint", "latest", teacher=data["teacher"]))
+                                    "--resume_from_checkpoint", "latest", *track, teacher=data["teacher"]))
+    curve = json.loads((parts / "memorization_curve.json").read_text())
+    assert [entry["step"] for entry in curve] == [1, 2, 3, 4]
+    assert all(0 <= entry["memorization/l2_fraction"] <= 1 and entry["memorization/l2_ratio_min"] > 0
+               for entry in curve)
     a = LatentConsistencyModelPipeline.from_pretrained(whole).unet.state_dict()
     b = LatentConsistencyModelPipeline.from_pretrained(parts).unet.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a), max((a[k] - b[k]).abs().max().item() for k in a)

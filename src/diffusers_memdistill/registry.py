@@ -23,8 +23,8 @@ model, how to sample it from given noise, and in which space its samples live. A
 Registered here: the package's `EDMPipeline` (teacher), `ConsistencyStudentPipeline` (student),
 `DMDGeneratorPipeline` and `ProgressiveDistillationPipeline` (generators, sampled with their trained steps), and
 diffusers' `DDPMPipeline`, `DDIMPipeline` (teachers), `ConsistencyModelPipeline` (student) and
-`StableDiffusionPipeline` (a text-to-image teacher in latent space; its ``sample`` also takes ``guidance_scale``; with an
-`LCMScheduler`, an LCM-LoRA, 4 steps without guidance) and `LatentConsistencyModelPipeline` (an LCM student, 4 steps).
+`StableDiffusionPipeline` (a text-to-image teacher in latent space; its ``sample`` also takes ``guidance_scale``; with
+an `LCMScheduler`, an LCM-LoRA, 4 steps without guidance) and `LatentConsistencyModelPipeline` (an LCM student, 4 steps).
 `RefinedPipeline` (a registered generator's samples refined by an EDM teacher, 000 App. A) registers itself where it
 is defined, `pipelines/pipeline_refined.py`, which uses this registry; `memdistill evaluate` imports it.
 

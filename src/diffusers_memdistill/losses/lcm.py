@@ -35,7 +35,8 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 def ddim_timesteps(num_train_timesteps: int, num_ddim_timesteps: int) -> torch.Tensor:
     """The LCM solver grid k - 1 < 2k - 1 < ... < T - 1 (k = T / N), ascending, long: diffusers' `DDIMScheduler`
-    timesteps with ``timestep_spacing="trailing"`` (the grid `LCMScheduler` samples on, its ``original_inference_steps``).
+    timesteps with ``timestep_spacing="trailing"`` (the grid `LCMScheduler` samples on with its
+    ``original_inference_steps``).
 
     Raises:
         ValueError: N does not divide the teacher's T training timesteps (the skip k would not be an integer).

@@ -1,5 +1,6 @@
 """Latent consistency distillation of a Stable Diffusion teacher (LCM, Luo et al. 2023; 000 App. B.2; SPEC §3), in
-full or as an LCM-LoRA, with the flags of diffusers' ``train_lcm_distill_sd_wds.py`` / ``train_lcm_distill_lora_sd_wds.py``.
+full or as an LCM-LoRA, with the flags of diffusers' ``train_lcm_distill_sd_wds.py`` and
+``train_lcm_distill_lora_sd_wds.py``.
 
     accelerate launch training_scripts/distill_lcm.py --pretrained_teacher_model runs/sd-memorize \\
         --output_dir runs/lcm --num_ddim_timesteps 50 --w_min 5 --w_max 15 --loss_type huber --huber_c 0.001 \\
@@ -103,6 +104,12 @@ def parse_args(argv=None):
     v = parser.add_argument_group("validation")
     v.add_argument("--validation_prompts", nargs="+", default=None,
                    help="Prompts of the validation images (default: the first memorized captions).")
+    v.add_argument("--track_memorization_steps", type=int, default=0,
+                   help="Every N steps, sample the student in 4 steps on the memorized prompts and log its pixel "
+                        "memorization (L2 ratio < 1/3 against the training images, 000 §4.1) to the trackers and to "
+                        "memorization_curve.json (0: never).")
+    v.add_argument("--track_memorization_prompts", type=int, default=16,
+                   help="How many memorized prompts (the first ones) the tracking samples, one seed each.")
     v.add_argument("--validation_guidance_scale", type=float, default=None,
                    help="guidance_scale of the 4-step validation images (default: 1 + (w_min + w_max) / 2 for the full "
                         "student, 1 for a LoRA).")
@@ -130,6 +137,9 @@ def parse_args(argv=None):
         parser.error("--ema_sigma_rel and --ema_warmup do not apply: the target network is a constant --ema_decay EMA.")
     if args.validation_prompts is not None and not [p for p in args.validation_prompts if p.strip()]:
         parser.error("--validation_prompts holds no prompt.")
+    if args.track_memorization_steps < 0 or args.track_memorization_prompts < 1:
+        parser.error("--track_memorization_steps must not be negative and --track_memorization_prompts must be at "
+                     "least 1.")
     return args
 
 
@@ -256,11 +266,38 @@ def build_plan(args, components: dict, training_set, latent_moments: torch.Tenso
             return LoraWeights(nets["unet"]), records
         return pipeline_of(nets["unet"].to("cpu")), records
 
+    plan_track = None
+    if args.track_memorization_steps:
+        memorized = training_set.parts["memorized"]
+        track_prompts = list(dict.fromkeys(memorized.captions))[: args.track_memorization_prompts]
+        reference = training_set.images  # every training image, extra pairs included
+
+        @torch.no_grad()
+        def plan_track(step):
+            """4-step samples of the student on the memorized prompts -> its pixel memorization (000 §4.1)."""
+            from ..metrics.memorization import pixel_memorization
+
+            where = next(student.parameters()).device
+            vae.to(where)
+            text_encoder.to(where)
+            pipe = pipeline_of(student)
+            pipe.set_progress_bar_config(disable=True)
+            generators = [torch.Generator(where).manual_seed(args.seed + i) for i in range(len(track_prompts))]
+            try:
+                images = pipe(track_prompts, generator=generators, output_type="pt",
+                              num_inference_steps=NUM_INFERENCE_STEPS, guidance_scale=guidance).images
+            finally:
+                vae.to("cpu")
+                text_encoder.to("cpu")
+            result = pixel_memorization(images.float().cpu().clamp(0, 1), reference)
+            return {"memorization/l2_fraction": result.fraction_memorized,
+                    "memorization/l2_ratio_mean": result.overall.mean, "memorization/l2_ratio_min": result.overall.min}
+
     n_params = sum(p.numel() for p in params)
     keys = ("use_lora", "lora_rank", "lora_target_modules", "num_ddim_timesteps", "w_min", "w_max", "loss_type",
             "huber_c", "timestep_scaling_factor", "unet_time_cond_proj_dim", "resolution", "cast_teacher_unet")
     record = training_set.record
-    return TrainingPlan(
+    plan = TrainingPlan(
         models={"unet": student},
         phases=[Phase("unet", build_optimizer("adamw", params, args), step)],
         averages=averages,
@@ -278,6 +315,35 @@ def build_plan(args, components: dict, training_set, latent_moments: torch.Tenso
                      f"{n_params / 1e6:.2f}M trained parameters, N = {args.num_ddim_timesteps}, "
                      f"w in [{args.w_min:g}, {args.w_max:g}], {args.loss_type} loss"),
     )
+    plan.track_memorization = plan_track
+    return plan
+
+
+def memorization_tracker(runner, plan, every: int):
+    """``callback(step)`` for `TrainingRunner.train`: every ``every`` steps the main process measures the student's
+    memorization (``plan.track_memorization``), logs it to the trackers and appends it to
+    ``memorization_curve.json`` in the output folder; the other processes wait."""
+    import json
+
+    from .utils import write_json_atomically
+
+    path = os.path.join(runner.output_dir, "memorization_curve.json")
+
+    def callback(step):
+        if step % every:
+            return
+        acc = runner.accelerator
+        if acc.is_main_process:
+            values = plan.track_memorization(step)
+            acc.log(values, step=step)
+            curve = []
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as f:
+                    curve = [entry for entry in json.load(f) if entry["step"] < step]  # a resumed run redoes later ones
+            write_json_atomically(path, curve + [{"step": step, **values}])
+        acc.wait_for_everyone()
+
+    return callback
 
 
 def load_distillation_pairs(args, teacher_folder: str):
@@ -326,6 +392,8 @@ def main(args) -> int:
     with runner.main_process_first():
         moments = cached_latent_moments(components["vae"], vae_sha256, training_set, runner.device, args.cache_dir)
     # 4. Student (full or LoRA), target network and AdamW; the runner distils and saves the student.
-    runner.train(build_plan(args, components, training_set, moments.to(runner.device), folder, teacher_sha256),
-                 training_set)
+    plan = build_plan(args, components, training_set, moments.to(runner.device), folder, teacher_sha256)
+    callback = memorization_tracker(runner, plan, args.track_memorization_steps) if args.track_memorization_steps \
+        else None
+    runner.train(plan, training_set, callback=callback)
     return 0
