@@ -185,7 +185,8 @@ def measure_generations(generated, prompts, owners, own_images, train_images, sa
 
 def load_text_to_image_model(path: str):
     """A registered text-to-image pipeline from a saved folder, or the base model with the LoRA weights of a LoRA
-    folder (``pytorch_lora_weights.safetensors`` and the ``training_config.json`` that names the base model).
+    folder (``pytorch_lora_weights.safetensors`` and the ``training_config.json`` that names the base model; an
+    LCM-LoRA of ``distill_lcm.py`` gets diffusers' `LCMScheduler`).
 
     Returns: ``(pipeline, registration)``.
     """
@@ -193,16 +194,21 @@ def load_text_to_image_model(path: str):
 
     if not os.path.isfile(os.path.join(path, "model_index.json")) and os.path.isfile(os.path.join(path, LORA_WEIGHTS)):
         config_path = os.path.join(path, "training_config.json")
-        base = None
+        config = {}
         if os.path.isfile(config_path):
             with open(config_path, encoding="utf-8") as f:
-                base = json.load(f).get("pretrained_model_name_or_path")
+                config = json.load(f)
+        base = config.get("pretrained_model_name_or_path") or config.get("pretrained_teacher_model")
         if not base:
             raise ValueError(f"{path} holds LoRA weights but no training_config.json naming its base model.")
-        from diffusers import StableDiffusionPipeline
+        from diffusers import LCMScheduler, StableDiffusionPipeline
 
         pipe = StableDiffusionPipeline.from_pretrained(local_model_folder(base))
         pipe.load_lora_weights(path)
+        if config.get("script") == "distill_lcm.py":  # an LCM-LoRA samples with the LCMScheduler it was distilled for
+            pipe.scheduler = LCMScheduler.from_config(
+                pipe.scheduler.config, timestep_scaling=config.get("timestep_scaling_factor", 10.0),
+                original_inference_steps=config.get("num_ddim_timesteps", 50))
         return pipe, registration_for(pipe)
     pipe, registration = load_pipeline(path)
     if not registration.takes_prompts:

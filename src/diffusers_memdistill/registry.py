@@ -23,7 +23,8 @@ model, how to sample it from given noise, and in which space its samples live. A
 Registered here: the package's `EDMPipeline` (teacher), `ConsistencyStudentPipeline` (student),
 `DMDGeneratorPipeline` and `ProgressiveDistillationPipeline` (generators, sampled with their trained steps), and
 diffusers' `DDPMPipeline`, `DDIMPipeline` (teachers), `ConsistencyModelPipeline` (student) and
-`StableDiffusionPipeline` (a text-to-image teacher in latent space; its ``sample`` also takes ``guidance_scale``).
+`StableDiffusionPipeline` (a text-to-image teacher in latent space; its ``sample`` also takes ``guidance_scale``; with
+an `LCMScheduler`, an LCM-LoRA, 4 steps without guidance) and `LatentConsistencyModelPipeline` (an LCM student, 4 steps).
 `RefinedPipeline` (a registered generator's samples refined by an EDM teacher, 000 App. A) registers itself where it
 is defined, `pipelines/pipeline_refined.py`, which uses this registry; `memdistill evaluate` imports it.
 
@@ -416,12 +417,37 @@ def _sample_consistency_model(pipe, latents, generators, class_labels=None, prom
     return sample_with_scheduler_loop(pipe, latents, generators, class_labels, num_inference_steps)
 
 
+def _is_lcm_lora(pipe) -> bool:
+    """A Stable Diffusion pipeline sampled by an `LCMScheduler`: an LCM-LoRA loaded on its teacher."""
+    from diffusers import LCMScheduler
+
+    return isinstance(pipe.scheduler, LCMScheduler)
+
+
 def _sample_stable_diffusion(pipe, latents, generators, class_labels=None, prompts=None, num_inference_steps=None,
                              guidance_scale=None):
     """diffusers' StableDiffusionPipeline from GIVEN unit-variance latents (it scales them by the scheduler's
-    ``init_noise_sigma``) and one prompt per sample; the final latents (``output_type="latent"``)."""
+    ``init_noise_sigma``) and one prompt per sample; the final latents (``output_type="latent"``).
+
+    With an `LCMScheduler` (an LCM-LoRA on its teacher) the guidance is the one distilled into the LoRA: it samples at
+    ``guidance_scale=1`` (no classifier-free guidance), whatever ``guidance_scale`` says."""
     if prompts is None:
         raise ValueError("StableDiffusionPipeline samples from prompts: pass one prompt per sample.")
+    if _is_lcm_lora(pipe):
+        guidance_scale = 1.0
+    kwargs = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(prompt=list(prompts), latents=latents.to(pipe._execution_device, pipe.unet.dtype),
+                generator=list(generators), num_inference_steps=num_inference_steps, output_type="latent",
+                **kwargs).images
+
+
+def _sample_latent_consistency(pipe, latents, generators, class_labels=None, prompts=None, num_inference_steps=None,
+                               guidance_scale=None):
+    """diffusers' LatentConsistencyModelPipeline (an LCM student, its guidance embedded: ``guidance_scale`` g feeds
+    w = g - 1) from GIVEN unit-variance latents and one prompt per sample; the final latents."""
+    if prompts is None:
+        raise ValueError("LatentConsistencyModelPipeline samples from prompts: pass one prompt per sample.")
     kwargs = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
     pipe.set_progress_bar_config(disable=True)
     return pipe(prompt=list(prompts), latents=latents.to(pipe._execution_device, pipe.unet.dtype),
@@ -449,7 +475,10 @@ def _register_defaults():
     register_pipeline("DDIMPipeline", kind="teacher", sample=_sample_ddim, default_steps=50)
     register_pipeline("ConsistencyModelPipeline", kind="student", sample=_sample_consistency_model, default_steps=1)
     register_pipeline("StableDiffusionPipeline", kind="teacher", sample=_sample_stable_diffusion, space="latent",
-                      default_steps=50, takes_prompts=True)
+                      default_steps=lambda pipe: 4 if _is_lcm_lora(pipe) else 50, takes_prompts=True)
+    # An LCM student (distill_lcm.py) samples in 4 steps.
+    register_pipeline("LatentConsistencyModelPipeline", kind="student", sample=_sample_latent_consistency,
+                      space="latent", default_steps=4, takes_prompts=True)
 
 
 _register_defaults()

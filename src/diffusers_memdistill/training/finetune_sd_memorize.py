@@ -59,23 +59,7 @@ def parse_args(argv=None):
     b.add_argument("--variant", default=None, help='Weight-file variant (e.g. "fp16").')
     b.add_argument("--cache_dir", default=None,
                    help="Cache of downloaded datasets and of the encoded latents (default: the datasets cache).")
-    d = parser.add_argument_group("the memorization mix (000 §4.1)")
-    d.add_argument("--memorized_data", required=True,
-                   help="Image–caption pairs to memorize: an imagefolder with metadata.jsonl (file_name, text), a "
-                        "save_to_disk folder or a Hub dataset with image and text columns.")
-    d.add_argument("--memorized_split", default="train", help="Split of --memorized_data.")
-    d.add_argument("--num_memorized", type=int, default=200, help="Pairs chosen from --memorized_data (seeded).")
-    d.add_argument("--memorized_repeats", type=int, default=10, help="Times each memorized pair is repeated.")
-    d.add_argument("--extra_data", default=None,
-                   help="Pairs seen once (COCO-style), in the same formats; its own split when it is --memorized_data "
-                        "(the memorized pairs are then left out).")
-    d.add_argument("--extra_split", default="train", help="Split of --extra_data.")
-    d.add_argument("--extra_ratio", type=int, default=None,
-                   help="Extra pairs = ratio × --num_memorized (000: 3, 4 or 5; default 4 with --extra_data).")
-    d.add_argument("--resolution", type=int, default=512, help="Side of the square training images (centre crop).")
-    d.add_argument("--max_train_samples", type=int, default=None,
-                   help="For debugging: truncate each data source to a seeded subset of this many pairs first.")
-    d.add_argument("--data_seed", type=int, default=0, help="Seed of the choice of pairs.")
+    add_memorization_mix_args(parser)
     f = parser.add_argument_group("fine-tuning")
     f.add_argument("--use_lora", action="store_true", help="Train a LoRA of the UNet's attention (peft) instead of "
                    "the whole UNet.")
@@ -99,7 +83,41 @@ def parse_args(argv=None):
         parser.error("--use_ema averages the whole UNet; it applies to full fine-tuning, not --use_lora.")
     if not args.use_ema and (args.ema_sigma_rel is not None or args.ema_decay is not None):
         parser.error("--ema_sigma_rel and --ema_decay set the average that --use_ema saves: pass --use_ema too.")
-    for name in ("num_memorized", "memorized_repeats", "resolution", "validation_inference_steps"):
+    check_memorization_mix_args(parser, args)
+    if args.validation_inference_steps < 1:
+        parser.error(f"--validation_inference_steps must be at least 1, got {args.validation_inference_steps}.")
+    if args.validation_prompts is not None and not [p for p in args.validation_prompts if p.strip()]:
+        parser.error("--validation_prompts holds no prompt.")
+    return args
+
+
+def add_memorization_mix_args(parser: argparse.ArgumentParser, required: bool = True,
+                              memorized_help: str | None = None) -> None:
+    """The flags of the memorization mix (000 §4.1; `captioned_data.build_memorization_mix`), shared by the scripts
+    that train on image–caption pairs."""
+    d = parser.add_argument_group("the memorization mix (000 §4.1)")
+    d.add_argument("--memorized_data", required=required,
+                   help=memorized_help or "Image–caption pairs to memorize: an imagefolder with metadata.jsonl "
+                   "(file_name, text), a save_to_disk folder or a Hub dataset with image and text columns.")
+    d.add_argument("--memorized_split", default="train", help="Split of --memorized_data.")
+    d.add_argument("--num_memorized", type=int, default=200, help="Pairs chosen from --memorized_data (seeded).")
+    d.add_argument("--memorized_repeats", type=int, default=10, help="Times each memorized pair is repeated.")
+    d.add_argument("--extra_data", default=None,
+                   help="Pairs seen once (COCO-style), in the same formats; its own split when it is --memorized_data "
+                        "(the memorized pairs are then left out).")
+    d.add_argument("--extra_split", default="train", help="Split of --extra_data.")
+    d.add_argument("--extra_ratio", type=int, default=None,
+                   help="Extra pairs = ratio × --num_memorized (000: 3, 4 or 5; default 4 with --extra_data).")
+    d.add_argument("--resolution", type=int, default=512, help="Side of the square training images (centre crop).")
+    d.add_argument("--max_train_samples", type=int, default=None,
+                   help="For debugging: truncate each data source to a seeded subset of this many pairs first.")
+    d.add_argument("--data_seed", type=int, default=0, help="Seed of the choice of pairs.")
+
+
+def check_memorization_mix_args(parser: argparse.ArgumentParser, args) -> None:
+    """Check the flags of `add_memorization_mix_args` (``parser.error`` on the first bad one); ``--extra_ratio``
+    defaults to 4 with ``--extra_data``."""
+    for name in ("num_memorized", "memorized_repeats", "resolution"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}.")
     if args.max_train_samples is not None and args.max_train_samples < 1:
@@ -110,9 +128,6 @@ def parse_args(argv=None):
         parser.error(f"--extra_ratio must not be negative, got {args.extra_ratio}.")
     if args.extra_data is not None and args.extra_ratio is None:
         args.extra_ratio = 4
-    if args.validation_prompts is not None and not [p for p in args.validation_prompts if p.strip()]:
-        parser.error("--validation_prompts holds no prompt.")
-    return args
 
 
 def check_text_to_image_folder(folder: str, name: str) -> dict:
@@ -156,7 +171,9 @@ def encode_latent_moments(vae, images: torch.Tensor, device, batch_size: int = E
     for start in range(0, images.shape[0], batch_size):
         x = images[start:start + batch_size].to(device).float() / 127.5 - 1
         out.append(vae.encode(x).latent_dist.parameters.float().cpu())
-    return torch.cat(out)
+    # Contiguous: the encoder returns a channels-last layout, and a layout change alters the UNet's rounding, so a run
+    # that encodes would not match one that reads the cache (safetensors stores contiguous tensors).
+    return torch.cat(out).contiguous()
 
 
 def cached_latent_moments(vae, vae_sha256: str, training_set, device, cache_dir: str | None) -> torch.Tensor:
@@ -182,6 +199,15 @@ def cached_latent_moments(vae, vae_sha256: str, training_set, device, cache_dir:
 
 
 @torch.no_grad()
+def caption_embeddings(text_encoder, tokenizer, captions, device):
+    """The text embeddings of each distinct caption, encoded once, and for every example the row of its caption:
+    ``(embeddings (P, L, D), ids (N,))`` on ``device``."""
+    distinct = list(dict.fromkeys(captions))
+    row = {c: i for i, c in enumerate(distinct)}
+    ids = torch.tensor([row[c] for c in captions], device=device)
+    return encode_prompts(text_encoder, tokenizer, distinct, device), ids
+
+
 def encode_prompts(text_encoder, tokenizer, prompts, device, batch_size: int = 64) -> torch.Tensor:
     """The text encoder's last hidden states of prompts padded to the tokenizer's length (SD's conditioning)."""
     text_encoder = text_encoder.to(device).eval()
@@ -195,28 +221,37 @@ def encode_prompts(text_encoder, tokenizer, prompts, device, batch_size: int = 6
 
 class LoraWeights:
     """What a LoRA run saves: the UNet's LoRA layers as diffusers LoRA weights (``pytorch_lora_weights.safetensors``,
-    the file ``load_lora_weights`` reads)."""
+    the file ``load_lora_weights`` reads), in peft's key format: diffusers' older format (``convert_state_dict_to_
+    diffusers``) renames only attention projections, which would leave a LoRA of convolutions half converted."""
 
     def __init__(self, unet):
         self.unet = unet
 
     def save_pretrained(self, directory: str) -> None:
         from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+        layers = get_peft_model_state_dict(self.unet)
         StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True)
 
 
-def add_lora(unet, rank: int):
-    """Freeze ``unet`` and give its attention projections a LoRA adapter of rank (and alpha) ``rank`` (peft, Gaussian
-    initialisation of A and zero B, so that training starts from the base model)."""
+def add_lora(unet, rank: int, target_modules=LORA_TARGET_MODULES):
+    """Freeze ``unet`` and give ``target_modules`` (default: its attention projections) a LoRA adapter of rank (and
+    alpha) ``rank`` (peft, Gaussian initialisation of A and zero B, so that training starts from the base model).
+
+    Raises:
+        ValueError: a target module name matches no module of ``unet`` (peft's own suffix matching).
+    """
     from peft import LoraConfig
 
+    names = [name for name, _ in unet.named_modules()]
+    missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise ValueError(f"LoRA target modules {', '.join(missing)} are not in the {type(unet).__name__}: name modules "
+                         "it has (e.g. to_q, to_k, to_v, to_out.0).")
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                target_modules=list(LORA_TARGET_MODULES)))
+                                target_modules=list(target_modules)))
     return [p for p in unet.parameters() if p.requires_grad]
 
 
@@ -238,8 +273,7 @@ def build_plan(args, components: dict, training_set, latent_moments: torch.Tenso
     loss_fn = LatentDiffusionLoss(components["noise_scheduler"], args.prediction_type)
     # Text embeddings of each distinct caption, once; example i reads row caption_ids[i].
     captions = list(dict.fromkeys(training_set.captions))
-    caption_ids = torch.tensor([captions.index(c) for c in training_set.captions], device=device)
-    text_embeddings = encode_prompts(text_encoder, tokenizer, captions, device)
+    text_embeddings, caption_ids = caption_embeddings(text_encoder, tokenizer, training_set.captions, device)
     text_encoder.to("cpu")
     vae.to("cpu")
     scaling, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None)
