@@ -177,9 +177,14 @@ def lcm_scheduler(teacher_scheduler_config, args):
 
 
 def build_plan(args, components: dict, training_set, latent_moments: torch.Tensor, teacher_folder: str,
-               teacher_sha256: str) -> TrainingPlan:
+               teacher_sha256: str):
     """The student (full, with its EMA target network, or a LoRA), the frozen teacher, the LCM step on the cached
-    latents and text embeddings, 4-step validation images and the export."""
+    latents and text embeddings, 4-step validation images and the export.
+
+    Returns:
+        `(TrainingPlan, track)`: ``track(step) -> dict`` measures the student's memorization on the memorized prompts
+        (`None` without ``--track_memorization_steps``).
+    """
     from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
 
     teacher, vae, text_encoder, tokenizer = (components[k] for k in ("unet", "vae", "text_encoder", "tokenizer"))
@@ -315,13 +320,12 @@ def build_plan(args, components: dict, training_set, latent_moments: torch.Tenso
                      f"{n_params / 1e6:.2f}M trained parameters, N = {args.num_ddim_timesteps}, "
                      f"w in [{args.w_min:g}, {args.w_max:g}], {args.loss_type} loss"),
     )
-    plan.track_memorization = plan_track
-    return plan
+    return plan, plan_track
 
 
-def memorization_tracker(runner, plan, every: int):
+def memorization_tracker(runner, track, every: int):
     """``callback(step)`` for `TrainingRunner.train`: every ``every`` steps the main process measures the student's
-    memorization (``plan.track_memorization``), logs it to the trackers and appends it to
+    memorization (``track(step)``, from [`build_plan`]), logs it to the trackers and appends it to
     ``memorization_curve.json`` in the output folder; the other processes wait."""
     import json
 
@@ -334,7 +338,7 @@ def memorization_tracker(runner, plan, every: int):
             return
         acc = runner.accelerator
         if acc.is_main_process:
-            values = plan.track_memorization(step)
+            values = track(step)
             acc.log(values, step=step)
             curve = []
             if os.path.isfile(path):
@@ -392,8 +396,7 @@ def main(args) -> int:
     with runner.main_process_first():
         moments = cached_latent_moments(components["vae"], vae_sha256, training_set, runner.device, args.cache_dir)
     # 4. Student (full or LoRA), target network and AdamW; the runner distils and saves the student.
-    plan = build_plan(args, components, training_set, moments.to(runner.device), folder, teacher_sha256)
-    callback = memorization_tracker(runner, plan, args.track_memorization_steps) if args.track_memorization_steps \
-        else None
+    plan, track = build_plan(args, components, training_set, moments.to(runner.device), folder, teacher_sha256)
+    callback = memorization_tracker(runner, track, args.track_memorization_steps) if track is not None else None
     runner.train(plan, training_set, callback=callback)
     return 0
