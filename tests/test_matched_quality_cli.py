@@ -78,8 +78,7 @@ def test_table_and_figures_from_a_fixed_result(tmp_path):
 @pytest.mark.slow
 def test_quick_run_end_to_end(tmp_path):
     from diffusers_memdistill.pipelines.pipeline_dmd import DMDGeneratorPipeline
-    from diffusers_memdistill.training.runner import load_checkpoint_weights
-    from diffusers_memdistill.training.utils import export_snapshot
+    from diffusers_memdistill.training.runner import export_snapshot, load_checkpoint_weights
 
     out = tmp_path / "mq"
     assert cli_main(["matched-quality", "--quick", "--output_dir", str(out), "--device", "cpu", "--repeat_classes",

@@ -89,8 +89,8 @@ def main(args) -> int:
     from ..demo import DMD_ARGS
     from ..evaluate import evaluate
     from ..training import distill_dmd, train_edm_teacher
-    from ..training.runner import reset_accelerate_state
-    from ..training.utils import export_snapshot, list_checkpoints
+    from ..training.runner import export_snapshot, reset_accelerate_state
+    from ..training.utils import list_checkpoints
 
     # 1. One teacher, a checkpoint at every length (every multiple of their gcd).
     teacher_dir = os.path.join(out, "teacher")

@@ -4,7 +4,7 @@
    localized-memorization set of 000 §4.3).
 2. Distil from it, each run checkpointing its EMA ``--num_checkpoints`` times: a consistency student (CD, sampled
    with 1 and 2 steps), a one-step DMD generator and a progressive-distillation student down to one step (PD).
-3. Export every checkpoint's EMA as a pipeline folder (`training.utils.export_snapshot`), and build the "+refine"
+3. Export every checkpoint's EMA as a pipeline folder (`training.runner.export_snapshot`), and build the "+refine"
    controls of 000 App. A from the final PD and DMD students: each re-noised to every level of ``--refine_sigmas``
    and reconstructed by the teacher's EDM PF-ODE (`RefinedPipeline`).
 4. Audit the teacher and every candidate together with ``memdistill evaluate`` (same noises, same seeds): L2
@@ -124,7 +124,8 @@ def resolve_config(args) -> dict:
 def checkpoint_candidates(run_dir: str, max_steps: int, average: str, snapshots_dir: str, prefix: str) -> list:
     """``(step, folder)`` of every checkpoint of a run, oldest first: each earlier checkpoint's ``average`` exported
     as a pipeline folder, and the finished model itself for the last step (its saved weights are that EMA)."""
-    from ..training.utils import export_snapshot, list_checkpoints
+    from ..training.runner import export_snapshot
+    from ..training.utils import list_checkpoints
 
     out = []
     for step, checkpoint in list_checkpoints(run_dir):
