@@ -34,6 +34,11 @@ SUBCOMMANDS = {
         "diffusers_memdistill.analysis.dmd_sweep",
         "DMD students of one teacher at several training lengths (003 §4.2.2): ΔE, δ(z)–D(z), memorization, figures.",
     ),
+    "matched-quality": (
+        "diffusers_memdistill.analysis.matched_quality_cli",
+        "Teacher, CD, DMD, PD and the +refine controls on the digits, audited together; per method the checkpoint of "
+        "the teacher's quality (000 Tables 1 and 4, App. A): table, memorization vs quality and during distillation.",
+    ),
     "push": (
         "diffusers_memdistill.hub:PushCommand",
         "Upload a saved model with its model card, figures and metrics to the Hugging Face Hub in one commit "

@@ -58,25 +58,6 @@ def parse_lengths(text: str) -> list:
     return lengths
 
 
-def export_snapshot(checkpoint: str, teacher_dir: str, output_dir: str, step: int) -> str:
-    """An `EDMPipeline` folder holding the EMA weights of a teacher checkpoint, with the teacher's training-set
-    record (so that students distil on, and audits compare against, the exact same set)."""
-    from ..pipelines.pipeline_edm import EDMPipeline
-    from ..training.runner import load_checkpoint_weights
-    from ..training.utils import save_pipeline_atomically
-
-    pipeline = EDMPipeline.from_pretrained(teacher_dir)
-    weights = load_checkpoint_weights(checkpoint)["ema_unet"]
-    pipeline.unet.load_state_dict(weights)
-    with open(os.path.join(teacher_dir, "training_set.json"), encoding="utf-8") as f:
-        record = json.load(f)
-    with open(os.path.join(teacher_dir, "training_config.json"), encoding="utf-8") as f:
-        config = json.load(f)
-    config.update({"snapshot_of": os.path.abspath(checkpoint), "snapshot_step": step})
-    save_pipeline_atomically(pipeline, output_dir, {"training_set.json": record, "training_config.json": config})
-    return output_dir
-
-
 def plot_sweep(rows: list, path: str):
     """ΔE and the share of aligned pairs (δ < 0) against the teacher's training length."""
     from ..metrics.figures import _finish, _new_figure
@@ -108,7 +89,7 @@ def main(args) -> int:
     from ..demo import DMD_ARGS
     from ..evaluate import evaluate
     from ..training import distill_dmd, train_edm_teacher
-    from ..training.runner import reset_accelerate_state
+    from ..training.runner import export_snapshot, reset_accelerate_state
     from ..training.utils import list_checkpoints
 
     # 1. One teacher, a checkpoint at every length (every multiple of their gcd).

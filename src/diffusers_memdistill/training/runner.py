@@ -267,6 +267,37 @@ def load_checkpoint_weights(path: str) -> dict:
     return out
 
 
+def export_snapshot(checkpoint: str, model_dir: str, output_dir: str, step: int, average: str = "ema_unet",
+                    component: str = "unet") -> str:
+    """A pipeline folder holding the weights of one average (an EMA) of a `TrainingRunner` checkpoint.
+
+    The finished model in ``model_dir`` (any pipeline class of `diffusers_memdistill.registry`: a teacher, a CD, DMD
+    or PD student) gives the pipeline; its ``component`` takes the checkpoint's ``average`` (``"ema_unet"`` for the
+    teacher, CD and PD scripts, ``"ema_generator"`` for DMD). The model's ``training_set.json`` and
+    ``training_config.json`` go beside it (the latter with ``snapshot_of`` and ``snapshot_step``), so that audits
+    compare the snapshot against the exact training set and students can distil from it.
+
+    Raises:
+        KeyError: the checkpoint holds no ``average`` (the error names those it holds).
+    """
+    import json
+
+    from ..registry import load_pipeline
+
+    weights = load_checkpoint_weights(checkpoint)
+    if average not in weights:
+        raise KeyError(f"{checkpoint} holds no network {average!r}; it holds {sorted(weights)}.")
+    pipeline, _ = load_pipeline(model_dir)
+    getattr(pipeline, component).load_state_dict(weights[average])
+    with open(os.path.join(model_dir, "training_set.json"), encoding="utf-8") as f:
+        record = json.load(f)
+    with open(os.path.join(model_dir, "training_config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    config.update({"snapshot_of": os.path.abspath(checkpoint), "snapshot_step": step})
+    save_pipeline_atomically(pipeline, output_dir, {"training_set.json": record, "training_config.json": config})
+    return output_dir
+
+
 # ---------------------------------------------------------------- optimizers
 
 

@@ -248,3 +248,4 @@ def save_image_grid(images: torch.Tensor, path: str, nrow: int | None = None, mi
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
