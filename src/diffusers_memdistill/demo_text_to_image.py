@@ -160,7 +160,7 @@ def train_autoencoder(vae, images: torch.Tensor, steps: int, batch_size: int = 6
         means = torch.cat([vae.encode(x[s:s + 256]).latent_dist.mean for s in range(0, x.shape[0], 256)])
     scaling_factor = float(1.0 / means.std())
     vae.register_to_config(scaling_factor=scaling_factor)
-    return {"loss": float(loss), "scaling_factor": scaling_factor}
+    return {"loss": float(loss.detach()), "scaling_factor": scaling_factor}
 
 
 @torch.no_grad()
