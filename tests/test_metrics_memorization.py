@@ -5,7 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusers_memdistill.metrics import memorization_ratio, pixel_memorization, sscd_memorization
+from diffusers_memdistill.metrics import (
+    memorization_ratio,
+    pixel_memorization,
+    pixel_own_image_memorization,
+    sscd_memorization,
+)
 
 
 @pytest.fixture
@@ -162,3 +167,32 @@ def test_sscd_near_duplicates_finds_planted_pairs_and_none_in_random_descriptors
     expected = float(feats[10] @ feats[60])
     assert result.pairs.tolist() == [[10, 60]] and result.scores[0] == pytest.approx(expected, abs=1e-6)
     assert sscd_near_duplicates(feats, threshold=expected + 1e-3).num_pairs == 0
+
+
+def _pixels(*rows):
+    return torch.tensor(rows, dtype=torch.float32).reshape(len(rows), 1, 2, 2)
+
+
+def test_own_image_ratio_is_the_distance_to_the_prompts_image_over_the_nearest_other():
+    a, b, c, d, h = (0, 0, 0, 0), (1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 1), (0, 0, 0, 1)
+    train = _pixels(a, b, c, d, a)  # A twice: its duplicate is A too
+    own = _pixels(a, b, c, h)  # prompt 0 owns A, prompt 1 owns B and C, prompt 2 (held out) owns H, never trained on
+    nan = (float("nan"),) * 4
+    samples = _pixels(a, (0.5, 0, 0, 0), (0.9, 0, 0, 0), (0, 0, 0.5, 0.5), (0, 0, 0, 0.9), nan)
+    result = pixel_own_image_memorization(samples, own, [[0], [1, 2], [3]], 2, train)
+    expected = torch.tensor([0.0, 1.0, 0.1 / 0.9, math.sqrt(1.5) / math.sqrt(0.5), 0.1 / 0.9, float("nan")])
+    torch.testing.assert_close(result.ratios, expected, equal_nan=True)
+    # The copy of A; the 0.1-close copy of B (not of C, not of A's duplicate); the unseen image H copied: all < 1/3.
+    assert result.memorized.tolist() == [True, False, True, False, True, False]
+    torch.testing.assert_close(result.own_distances[:5], torch.tensor([0.0, 0.5, 0.1, math.sqrt(1.5), 0.1]))
+    # Nearest images that are not the prompt's own (ties: the lower index; A's duplicate is reported as A).
+    assert result.other_indices.tolist() == [1, 1, 0, 0, 0, -1]
+    assert result.nan_mask.tolist() == [False] * 5 + [True] and result.overall.num_nan == 1
+    assert result.fraction_memorized == pytest.approx(3 / 5)
+    # A copy of its own trained image: the same ratio as the nearest-neighbour criterion r(y).
+    r = pixel_memorization(samples[2:3], train).ratios
+    torch.testing.assert_close(result.ratios[2:3], r)
+    with pytest.raises(ValueError, match="owns all 4 distinct training images"):
+        pixel_own_image_memorization(samples[:2], _pixels(a, b, c, d), [[0, 1, 2, 3]], 2, train)
+    with pytest.raises(ValueError, match="Expected 3 prompts × 3 samples, got 6"):
+        pixel_own_image_memorization(samples, own, [[0], [1, 2], [3]], 3, train)

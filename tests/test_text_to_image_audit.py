@@ -157,6 +157,30 @@ def test_a_planted_copy_is_flagged_and_a_heldout_caption_is_not(pairs_dir, tiny_
         audit_text_to_image({"planted": planted}, str(tmp_path / "x"), pairs, pairs, samples_per_prompt=0)
 
 
+def test_pixel_l2_finds_a_planted_copy_without_any_weights(pairs_dir, planted, tmp_path):
+    pairs = build_training_set(str(pairs_dir), 16, channels=3)
+    heldout = load_heldout_set(pairs)
+    for caption, image in zip(pairs.captions[:3], pairs.images[:3]):  # the fourth caption gets noise
+        planted.copies[caption] = image.float() / 255
+    results = audit_text_to_image({"planted": planted}, str(tmp_path), pairs, pairs, heldout, samples_per_prompt=2,
+                                  num_inference_steps=1, device="cpu", metrics=("l2",))
+    model = results["models"]["planted"]
+    own, nearest = model["training"]["l2"]["own"], model["training"]["l2"]["nearest"]
+    assert own["num_memorized"] == 3 * 2 and own["min"] == 0.0  # every seed of the 3 planted prompts: ρ = 0
+    assert nearest["num_memorized"] == 3 * 2  # and r = 0 against the whole training set
+    rows = model["training"]["prompts"]
+    assert [r["l2_copied"] for r in rows] == [True, True, True, False]
+    assert rows[3]["l2_own_min"] > 1 / 3 and rows[0]["l2_nearest_index_of_best"] == 0
+    assert model["heldout"]["l2"]["own"]["num_memorized"] == 0 and not any(r["l2_copied"] for r in
+                                                                          model["heldout"]["prompts"])
+    assert results["floor"]["l2"]["nearest"]["num_samples"] == 2 and "sscd" not in model["training"]
+    report = (tmp_path / "report.md").read_text()
+    assert "L2 own ρ: mean / p95 / < 1/3" in report and "| planted | held-out |" in report
+    assert "3 of 4 prompts have a generation with an own-image L2 ratio below 1/3" in report
+    assert "No metric of this report used pretrained weights." in report
+    assert (tmp_path / "figures" / "most_copied_planted.png").is_file()
+
+
 def test_stable_diffusion_is_sampled_through_the_registry_from_given_noise():
     from diffusers_memdistill.models.tiny_sd import tiny_sd_pipeline
 

@@ -5,6 +5,9 @@
 3. Distil a one-step DMD generator from it (distribution matching, 5 fake-denoiser updates per generator update).
 4. Sample all three from the same noise and measure memorization (L2 ratio < 1/3), a pixel-space quality proxy and
    the pairing inefficiency of the students against the teacher's ODE map; write ``report.md`` and figures.
+
+``memdistill demo --text_to_image`` runs the text-to-image demo instead (`demo_text_to_image`): a tiny Stable
+Diffusion trained from scratch on captioned digits, audited prompt by prompt.
 """
 
 from __future__ import annotations
@@ -27,18 +30,37 @@ FULL = {"teacher_steps": 2000, "student_steps": 1000, "dmd_steps": 1000, "num_sa
 QUICK = {"teacher_steps": 60, "student_steps": 20, "dmd_steps": 10, "num_samples": 32}
 
 
+PIXEL_METRICS = "l2,fd_pixel,pairing"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output_dir", default="memdistill-demo", help="Folder of the teacher, student and report.")
+    parser.add_argument("--output_dir", default=None,
+                        help="Folder of the models and the report (default: memdistill-demo, or "
+                             "memdistill-demo-text-to-image with --text_to_image).")
+    parser.add_argument("--text_to_image", action="store_true",
+                        help="The text-to-image demo: a tiny Stable Diffusion trained from scratch on captioned "
+                             "digits (some with a caption of their own), audited prompt by prompt.")
     parser.add_argument("--quick", action="store_true", help="A few steps of each stage (a smoke test, seconds).")
     parser.add_argument("--overwrite", action="store_true", help="Replace the results of an earlier demo run.")
-    parser.add_argument("--metrics", default="l2,fd_pixel,pairing",
-                        help="Metrics of the evaluation (sscd and fid need weights; see memdistill evaluate --help).")
+    parser.add_argument("--metrics", default=None,
+                        help=f"Metrics of the evaluation (default {PIXEL_METRICS}; l2 with --text_to_image; sscd and "
+                             "fid need weights; see memdistill evaluate --help).")
+    parser.add_argument("--sscd_onnx", default=None, help="With --text_to_image and --metrics l2,sscd: the SSCD "
+                        "ONNX model (see memdistill evaluate --help).")
+    parser.add_argument("--sscd_weights", default=None, help="With --text_to_image and --metrics l2,sscd: the SSCD "
+                        "TorchScript weights.")
     parser.add_argument("--seed", type=int, default=0)
 
 
 def main(args) -> int:
+    if getattr(args, "text_to_image", False):
+        from .demo_text_to_image import main as text_to_image_main
+
+        return text_to_image_main(args)
+    if getattr(args, "sscd_onnx", None) or getattr(args, "sscd_weights", None):
+        raise ValueError("--sscd_onnx and --sscd_weights apply to --text_to_image; the pixel demo takes no SSCD.")
     cfg = QUICK if args.quick else FULL
-    out = os.path.abspath(args.output_dir)
+    out = os.path.abspath(args.output_dir or "memdistill-demo")
     teacher_dir, student_dir, dmd_dir, report_dir = (os.path.join(out, d) for d in ("teacher", "student", "dmd",
                                                                                   "report"))
     if os.path.isfile(os.path.join(report_dir, "report.md")) and not args.overwrite:
@@ -72,7 +94,7 @@ def main(args) -> int:
     print(f"[4/4] Evaluating teacher and students on {cfg['num_samples']} shared-noise samples -> {report_dir}")
     from .evaluate import evaluate, render_report
 
-    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    metrics = tuple(m.strip() for m in (args.metrics or PIXEL_METRICS).split(",") if m.strip())
     results = evaluate([teacher_dir, student_dir, dmd_dir], report_dir, num_samples=cfg["num_samples"], metrics=metrics,
                        seed=args.seed, batch_size=256, student_steps=(1, 2), device="cpu",
                        names=["teacher", "student", "DMD student"])

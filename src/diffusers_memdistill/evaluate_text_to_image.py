@@ -6,7 +6,10 @@ so are the captions of held-out pairs of the same source, which no model saw. Pe
 
 - CLIP score with its prompt (raw cosine, 000 reports ≈ 0.22 for SD v1.5);
 - SSCD similarity to its own training image (the image of its caption; the largest when several share it) and to the
-  nearest training image (the whole training set, extra pairs included), under each SSCD preprocessing.
+  nearest training image (the whole training set, extra pairs included), under each SSCD preprocessing;
+- pixel L2 (``l2``, needs no weights): the own-image ratio ρ = ‖y − own‖ / ‖y − nearest other training image‖ (a copy
+  of its own image when ρ < 1/3, `metrics.pixel_own_image_memorization`) and the nearest-neighbour ratio r of 000
+  against the whole training set (`metrics.pixel_memorization`).
 
 Per prompt and overall: mean, max, p95 and the fraction above the threshold. A held-out prompt row measures what the
 same model gives for captions it never trained on, and the floor row scores the held-out real images themselves
@@ -29,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .data import build_training_set, load_heldout_set, load_training_set
 from .evaluate import (
+    L2_THRESHOLD,
     SAMPLES_DIR,
     STREAM_INJECTED_NOISE,
     _fmt,
@@ -45,7 +49,8 @@ from .evaluate import (
     strict_json,
 )
 
-TEXT_TO_IMAGE_METRICS = ("clip", "sscd")
+TEXT_TO_IMAGE_METRICS = ("clip", "sscd", "l2")
+DEFAULT_TEXT_TO_IMAGE_METRICS = ("clip", "sscd")
 DEFAULT_SAMPLES_PER_PROMPT = 4
 DEFAULT_GUIDANCE_SCALE = 7.5
 NUM_FIGURE_PROMPTS = 8
@@ -113,11 +118,18 @@ def own_image_similarity(features: torch.Tensor, own_features: torch.Tensor, own
     return out.float()
 
 
-def _per_prompt(prompts, s, own=None, nearest=None, nn_index=None, clip=None, threshold=0.5):
+def _per_prompt(prompts, s, own=None, nearest=None, nn_index=None, clip=None, threshold=0.5, l2=None):
     rows = []
     for p, prompt in enumerate(prompts):
         window = slice(p * s, (p + 1) * s)
         row = {"prompt": prompt}
+        if l2 is not None:
+            rho, r, r_index = (t[window] for t in l2)
+            best = int(torch.nan_to_num(rho, nan=float("inf")).argmin())
+            row.update({"l2_own_min": float(rho.min()), "l2_own_mean": float(rho.mean()),
+                        "l2_fraction_copied": float((rho < L2_THRESHOLD).double().mean()),
+                        "l2_copied": bool((rho < L2_THRESHOLD).any()), "l2_best_seed": best,
+                        "l2_nearest_min": float(r.min()), "l2_nearest_index_of_best": int(r_index[best])})
         if own is not None:
             o = own[window]
             best = int(torch.nan_to_num(o, nan=-2.0).argmax())
@@ -132,9 +144,9 @@ def _per_prompt(prompts, s, own=None, nearest=None, nn_index=None, clip=None, th
 
 
 def measure_generations(generated, prompts, owners, own_images, train_images, samples_per_prompt, *, threshold=0.5,
-                        sscd_extractors=None, clip_extractor=None):
+                        sscd_extractors=None, clip_extractor=None, pixel_l2=False):
     r"""
-    CLIP and SSCD measures of the generations of a set of prompts.
+    CLIP, SSCD and pixel L2 measures of the generations of a set of prompts.
 
     Args:
         generated (`torch.Tensor` of shape `(P·S, C, H, W)`): generations in [0, 1], prompt-major.
@@ -146,16 +158,25 @@ def measure_generations(generated, prompts, owners, own_images, train_images, sa
         sscd_extractors (`dict`, *optional*): preprocessing name -> SSCD feature extractor.
         clip_extractor (*optional*): a [`CLIPFeatureExtractor`] (or any object with ``encode_images`` and
             ``encode_text``).
+        pixel_l2 (`bool`, defaults to `False`): also measure the pixel L2 ratios (own image ρ, nearest r), each a
+            copy below 1/3.
 
     Returns:
         `dict`: ``clip`` (overall statistics of the per-generation CLIP score), ``sscd`` (per preprocessing: ``own``
-        and ``nearest`` statistics) and ``prompts`` (one dict per prompt; with several preprocessings, the first
-        one's SSCD columns), plus the per-generation tensors under ``_tensors`` (not written to JSON).
+        and ``nearest`` statistics), ``l2`` (``own`` and ``nearest`` ratio statistics) and ``prompts`` (one dict per
+        prompt; with several preprocessings, the first one's SSCD columns), plus the per-generation tensors under
+        ``_tensors`` (not written to JSON).
     """
     from .evaluate import _features
-    from .metrics import compute_clip_score, sscd_memorization
+    from .metrics import compute_clip_score, pixel_memorization, pixel_own_image_memorization, sscd_memorization
 
     out, tensors = {}, {}
+    if pixel_l2:
+        own_l2 = pixel_own_image_memorization(generated, own_images, owners, samples_per_prompt, train_images,
+                                              threshold=L2_THRESHOLD)
+        nearest_l2 = pixel_memorization(generated, train_images, threshold=L2_THRESHOLD)
+        out["l2"] = {"own": own_l2.to_dict(), "nearest": nearest_l2.to_dict()}
+        tensors["l2"] = (own_l2.ratios, nearest_l2.ratios, nearest_l2.nn_indices[:, 0])
     clip = None
     if clip_extractor is not None:
         repeated = [p for p in prompts for _ in range(samples_per_prompt)]
@@ -174,7 +195,8 @@ def measure_generations(generated, prompts, owners, own_images, train_images, sa
         tensors[name] = (own, nearest.max_similarity, nearest.nn_indices)
         first = first or name
     own_t = tensors[first] if first else (None, None, None)
-    out["prompts"] = _per_prompt(prompts, samples_per_prompt, *own_t, clip=clip, threshold=threshold)
+    out["prompts"] = _per_prompt(prompts, samples_per_prompt, *own_t, clip=clip, threshold=threshold,
+                                 l2=tensors.get("l2"))
     out["_tensors"] = tensors
     return out
 
@@ -303,7 +325,7 @@ def audit_text_to_image(
     seed: int = 0,
     batch_size: int = 16,
     device=None,
-    metrics=TEXT_TO_IMAGE_METRICS,
+    metrics=DEFAULT_TEXT_TO_IMAGE_METRICS,
     sscd_preprocessing=("sscd", "dcr"),
     sscd_threshold: float = 0.5,
     sscd_weights: str | None = None,
@@ -330,7 +352,7 @@ def audit_text_to_image(
         num_inference_steps (`int`, *optional*): sampling steps (the registration's default when None).
         num_prompts (`int`, *optional*): a seeded subset of this many prompts (and at most as many held-out ones).
         seed (`int`), batch_size (`int`), device: as in [`~evaluate.evaluate`].
-        metrics (`tuple`): among ``"clip"`` and ``"sscd"``.
+        metrics (`tuple`): among ``"clip"``, ``"sscd"`` and ``"l2"`` (pixel L2 ratios, no weights needed).
         sscd_preprocessing, sscd_threshold, sscd_weights, sscd_onnx: as in [`~evaluate.evaluate`].
         clip_model, clip_pretrained (`str`): the open_clip model name and pretrained tag (or checkpoint file).
         sscd_extractors (`dict`, *optional*), clip_extractor (*optional*): injected feature extractors (tests).
@@ -414,25 +436,33 @@ def audit_text_to_image(
     for run in tqdm(runs, desc="Audit"):
         name = run["name"]
         g = generated[name]
+        pixel_l2 = "l2" in settings["metrics"]
         m = measure_generations(g[:n], prompts, owners, own_images, train_images, s, threshold=threshold,
-                                sscd_extractors=sscd_extractors, clip_extractor=clip_extractor)
+                                sscd_extractors=sscd_extractors, clip_extractor=clip_extractor, pixel_l2=pixel_l2)
         tensors = m.pop("_tensors")
         entry = {**{k: run[k] for k in ("kind", "pipeline_class", "steps", "path", "file")}, "training": m}
         if held_prompts:
             h = measure_generations(g[n:], held_prompts, held_owners, unit(heldout), train_images, s,
                                     threshold=threshold, sscd_extractors=sscd_extractors,
-                                    clip_extractor=clip_extractor)
+                                    clip_extractor=clip_extractor, pixel_l2=pixel_l2)
             h.pop("_tensors")
             entry["heldout"] = h
         results["models"][name] = entry
         if sscd_extractors:
-            _copied_figure(g[:n], own_images, prompts, owners, tensors, s, next(iter(sscd_extractors)),
+            _copied_figure(g[:n], own_images, prompts, owners, tensors[next(iter(sscd_extractors))][0], s,
                            os.path.join(figures_dir, f"most_copied_{_slug(name)}.png"))
+        elif pixel_l2:  # the smallest own-image ratio is the closest copy
+            _copied_figure(g[:n], own_images, prompts, owners, tensors["l2"][0], s,
+                           os.path.join(figures_dir, f"most_copied_{_slug(name)}.png"), label="L2 ratio",
+                           higher_is_closer=False)
     if heldout is not None:
         floor = {"num_images": len(heldout), "dataset": heldout.record.get("dataset"),
                  "how": heldout.record["heldout_from"]["how"], "sscd": {}}
-        from .metrics import compute_clip_score, sscd_memorization
+        from .metrics import compute_clip_score, pixel_memorization, sscd_memorization
 
+        if "l2" in settings["metrics"]:
+            floor["l2"] = {"nearest": pixel_memorization(unit(heldout), train_images,
+                                                         threshold=L2_THRESHOLD).to_dict()}
         for p, extractor in (sscd_extractors or {}).items():
             floor["sscd"][p] = {"nearest": sscd_memorization(extractor(unit(heldout)).float(),
                                                              extractor(train_images).float(),
@@ -449,21 +479,23 @@ def audit_text_to_image(
     return clean
 
 
-def _copied_figure(generated, own_images, prompts, owners, tensors, s, prep, path):
-    """The most-copied prompts (by the largest own-image similarity over seeds): best seed beside its image."""
+def _copied_figure(generated, own_images, prompts, owners, own, s, path, label="SSCD", higher_is_closer=True):
+    """The most-copied prompts (by the closest own-image score over seeds: the largest SSCD similarity, or the
+    smallest L2 ratio): best seed beside its image."""
     from .metrics.figures import plot_copied_prompts
 
-    own = tensors[prep][0]
-    per_prompt = torch.stack([torch.nan_to_num(own[p * s:(p + 1) * s], nan=-2.0).max() for p in range(len(prompts))])
+    sign = 1.0 if higher_is_closer else -1.0
+    closeness = torch.nan_to_num(sign * own.double(), nan=-float("inf"))
+    per_prompt = torch.stack([closeness[p * s:(p + 1) * s].max() for p in range(len(prompts))])
     order = torch.argsort(per_prompt, descending=True)[:NUM_FIGURE_PROMPTS].tolist()
     rows_g, rows_t, scores = [], [], []
     for p in order:
-        window = torch.nan_to_num(own[p * s:(p + 1) * s], nan=-2.0)
-        best = int(window.argmax())
+        best = int(closeness[p * s:(p + 1) * s].argmax())
         rows_g.append(generated[p * s + best])
         rows_t.append(own_images[owners[p][0]])
-        scores.append(float(window[best]))
-    plot_copied_prompts(torch.stack(rows_g), torch.stack(rows_t), [prompts[p] for p in order], scores, path=path)
+        scores.append(float(own[p * s + best]))
+    plot_copied_prompts(torch.stack(rows_g), torch.stack(rows_t), [prompts[p] for p in order], scores, path=path,
+                        score_label=label)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -476,29 +508,50 @@ def _sscd_cells(stats: dict | None, threshold_key="fraction_memorized") -> str:
     return f"{_fmt(stats.get('mean'))} / {_fmt(stats.get('p95'))} / {_fmt(stats.get(threshold_key), True)}"
 
 
+def _prompt_cells(r: dict, sscd: bool, l2: bool) -> list:
+    cells = [r["prompt"].replace("|", "\\|")]
+    if sscd:
+        cells += [_fmt(r["own_max"]), _fmt(r["own_mean"]), _fmt(r["fraction_above"], True), _fmt(r["nearest_max"])]
+    if l2:
+        cells += [_fmt(r["l2_own_min"]), _fmt(r["l2_fraction_copied"], True), _fmt(r["l2_nearest_min"])]
+    return cells + [_fmt(r.get("clip_mean"))]
+
+
 def render_text_to_image_report(results: dict) -> str:
     """``report.md`` of the audit: the 000 Table 3 layout (rows: models on training and held-out prompts, and the
-    floor; columns: CLIP ↑, SSCD mean / p95 / > threshold to the own and to the nearest training image), then the
-    most-copied prompts of each model."""
+    floor; columns: CLIP ↑, SSCD mean / p95 / > threshold to the own and to the nearest training image, and the pixel
+    L2 ratios mean / p95 / < 1/3), then the most-copied prompts of each model."""
     preps = [p for p in results["settings"]["sscd_preprocessing"] if "sscd" in results["weights"]] \
         if "sscd" in results["metrics"] else []
+    l2 = "l2" in results["metrics"]
     thr = results["settings"]["sscd_threshold"]
     s = results["samples_per_prompt"]
+    measures = []
+    if "clip" in results["metrics"]:
+        measures.append(f"CLIP: raw cosine of open_clip {results['settings']['clip_model']} "
+                        f"({results['settings']['clip_pretrained']}).")
+    if "sscd" in results["metrics"]:
+        measures.append("SSCD: similarity of each generation to its own training image (own) and to the nearest "
+                        f"training image (nearest), mean / p95 / fraction above {thr:g}.")
+    if l2:
+        measures.append("L2 (pixels): own ρ = ‖y − own image‖ / ‖y − nearest other training image‖ and nearest "
+                        "r = ‖y − NN₁‖ / ‖y − NN₂‖ over the training set, mean / p95 / fraction below 1/3 (lower is "
+                        "closer to a copy).")
     lines = [
         "# Text-to-image memorization audit",
         "",
         f"{results['num_prompts']} prompts of the training set and {results['num_heldout_prompts']} held-out prompts, "
         f"{s} seeds each (seed {results['seed']}), guidance scale {results['guidance_scale']}; training set: "
         f"{results['training_set']['num_images']} images of {results['training_set']['dataset']} (sha256 "
-        f"`{results['training_set']['sha256'][:16]}…`). CLIP: raw cosine of open_clip "
-        f"{results['settings']['clip_model']} ({results['settings']['clip_pretrained']}). SSCD: similarity of each "
-        f"generation to its own training image (own) and to the nearest training image (nearest), mean / p95 / "
-        f"fraction above {thr:g}. Every number is computed from the 8-bit generations in `{results['samples_dir']}`.",
+        f"`{results['training_set']['sha256'][:16]}…`). " + " ".join(measures) + " Every number is computed from "
+        f"the 8-bit generations in `{results['samples_dir']}`.",
         "",
     ]
     header = ["Model", "prompts", "CLIP ↑"]
     for p in preps:
         header += [f"SSCD `{p}` own: mean / p95 / > {thr:g}", f"SSCD `{p}` nearest: mean / p95 / > {thr:g}"]
+    if l2:
+        header += ["L2 own ρ: mean / p95 / < 1/3", "L2 nearest r: mean / p95 / < 1/3"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, m in results["models"].items():
         for which, label in (("training", "training"), ("heldout", "held-out")):
@@ -509,33 +562,47 @@ def render_text_to_image_report(results: dict) -> str:
             for p in preps:
                 sscd = r.get("sscd", {}).get(p, {})
                 cells += [_sscd_cells(sscd.get("own")), _sscd_cells(sscd.get("nearest"))]
+            if l2:
+                cells += [_sscd_cells(r.get("l2", {}).get("own")), _sscd_cells(r.get("l2", {}).get("nearest"))]
             lines.append("| " + " | ".join(cells) + " |")
     floor = results.get("floor")
     if floor:
         cells = [f"*floor: {floor['num_images']} held-out real images*", "–", _fmt(floor.get("clip", {}).get("mean"))]
         for p in preps:
             cells += ["–", _sscd_cells(floor["sscd"].get(p, {}).get("nearest"))]
+        if l2:
+            cells += ["–", _sscd_cells(floor.get("l2", {}).get("nearest"))]
         lines.append("| " + " | ".join(cells) + " |")
         lines += ["", f"Held-out pairs: {floor['how']} of {floor['dataset']}. The floor row scores those real images "
-                  "against the training set (CLIP: with their own captions); a model's SSCD numbers mean copying only "
-                  "above it and above its own held-out-prompt row."]
+                  "against the training set (CLIP: with their own captions); a model's SSCD and L2 numbers mean "
+                  "copying only beyond it and beyond its own held-out-prompt row."]
     elif results.get("floor_note"):
         lines += ["", f"No held-out prompts or floor row: {results['floor_note']}."]
     lines.append("")
     for name, m in results["models"].items():
         rows = m["training"]["prompts"]
-        if not rows or "own_max" not in rows[0]:
+        sscd, l2_rows = bool(rows) and "own_max" in rows[0], bool(rows) and "l2_own_min" in rows[0]
+        if not (sscd or l2_rows):
             continue
-        ranked = sorted(rows, key=lambda r: -(r["own_max"] if r["own_max"] is not None else -2))[:NUM_LISTED_PROMPTS]
-        copied = sum(r["copied"] for r in rows)
+        if sscd:
+            ranked = sorted(rows, key=lambda r: -(r["own_max"] if r["own_max"] is not None else -2))
+            copied = sum(r["copied"] for r in rows)
+            criterion = f"above {thr:g} (SSCD `{preps[0]}` to their own image)"
+        else:
+            ranked = sorted(rows, key=lambda r: r["l2_own_min"] if r["l2_own_min"] is not None else float("inf"))
+            copied = sum(r["l2_copied"] for r in rows)
+            criterion = "with an own-image L2 ratio below 1/3"
+        header = ["prompt"] + (["own max", "own mean", "seeds > thr", "nearest max"] if sscd else []) \
+            + (["L2 own ρ min", "seeds < 1/3", "L2 nearest r min"] if l2_rows else []) + ["CLIP"]
         lines += [f"## {name}: most-copied prompts", "",
-                  f"{copied} of {len(rows)} prompts have a generation above {thr:g} (SSCD `{preps[0]}` to their own "
-                  f"image). [Figure](figures/most_copied_{_slug(name)}.png)", "",
-                  "| prompt | own max | own mean | seeds > thr | nearest max | CLIP |", "|---|---|---|---|---|---|"]
-        for r in ranked:
-            prompt = r["prompt"].replace("|", "\\|")
-            lines.append(f"| {prompt} | {_fmt(r['own_max'])} | {_fmt(r['own_mean'])} | "
-                         f"{_fmt(r['fraction_above'], True)} | {_fmt(r['nearest_max'])} | {_fmt(r.get('clip_mean'))} |")
+                  f"{copied} of {len(rows)} prompts have a generation {criterion}. "
+                  f"[Figure](figures/most_copied_{_slug(name)}.png)", "",
+                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(_prompt_cells(r, sscd, l2_rows)) + " |" for r in ranked[:NUM_LISTED_PROMPTS]]
+        held = m.get("heldout", {}).get("prompts", [])
+        if held and l2_rows:
+            lines += ["", f"Held-out prompts with an own-image L2 ratio below 1/3: "
+                      f"{sum(r['l2_copied'] for r in held)} of {len(held)}."]
         lines.append("")
     if results["errors"]:
         lines += ["## Not computed", ""] + [f"- **{k}**: {v}" for k, v in results["errors"].items()] + [""]
@@ -604,7 +671,7 @@ class EvaluateCommand:
         results = evaluate_text_to_image(
             args.models, args.output_dir, train_data=args.train_data, seed=0 if args.seed is None else args.seed,
             batch_size=16 if args.batch_size is None else args.batch_size, device=args.device,
-            metrics=metrics or TEXT_TO_IMAGE_METRICS,
+            metrics=metrics or DEFAULT_TEXT_TO_IMAGE_METRICS,
             sscd_preprocessing=_split(args.sscd_preprocessing) or ("sscd", "dcr"),
             sscd_threshold=0.5 if args.sscd_threshold is None else args.sscd_threshold,
             sscd_weights=args.sscd_weights, sscd_onnx=args.sscd_onnx,

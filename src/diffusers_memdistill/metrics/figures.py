@@ -226,6 +226,7 @@ def plot_copied_prompts(
     scores: Sequence[float],
     *,
     path: str | os.PathLike | None = None,
+    score_label: str = "SSCD",
 ) -> Figure:
     r"""
     The most-copied prompts of a text-to-image model: each generation beside the training image of its prompt.
@@ -234,15 +235,17 @@ def plot_copied_prompts(
         generated (`torch.Tensor` of shape `(K, C, H, W)`): one generation per row (the most similar seed), in [0, 1].
         training (`torch.Tensor` of shape `(K, C, H, W)`): the training image of each row's prompt, in [0, 1].
         prompts (`Sequence[str]`): each row's prompt.
-        scores (`Sequence[float]`): each row's SSCD similarity of the generation to the training image.
+        scores (`Sequence[float]`): each row's score of the generation against the training image (SSCD similarity,
+            or the pixel own-image L2 ratio).
         path (`str`, *optional*): where to save.
+        score_label (`str`, defaults to `"SSCD"`): the score's name in the titles.
     """
     rows = max(1, len(prompts))
     fig = _new_figure(5.0, 2.0 * rows)
     cmap = "gray" if generated.shape[1] == 1 else None
     for r, (prompt, score) in enumerate(zip(prompts, scores)):
         short = prompt if len(prompt) <= 60 else prompt[:57] + "..."
-        for c, (img, title) in enumerate(((generated[r], f"generated (SSCD {score:.3f})"),
+        for c, (img, title) in enumerate(((generated[r], f"generated ({score_label} {score:.3f})"),
                                           (training[r], "training image"))):
             ax = fig.add_subplot(rows, 2, 2 * r + c + 1)
             ax.imshow(_to_display(img[None])[0], cmap=cmap, vmin=0, vmax=1)

@@ -271,6 +271,145 @@ def pixel_memorization(
 
 
 @dataclass
+class OwnImageMemorizationResult:
+    r"""
+    Output of [`pixel_own_image_memorization`].
+
+    Args:
+        ratios (`torch.Tensor` of shape `(N,)`): ρ(y) = ‖y − own(y)‖ / ‖y − other(y)‖ per sample; NaN for non-finite
+            samples.
+        own_distances (`torch.Tensor` of shape `(N,)`): ‖y − own(y)‖, the Euclidean distance to the nearest of its
+            prompt's own images.
+        other_distances (`torch.Tensor` of shape `(N,)`): ‖y − other(y)‖, the distance to the nearest training image
+            that is not one of its prompt's own images.
+        other_indices (`torch.Tensor` of shape `(N,)`): that image's index in the training set (first occurrence of
+            duplicates); -1 for NaN samples.
+        memorized (`torch.Tensor` of shape `(N,)`, bool): ``ratios < threshold``: the sample copies its own image.
+        nan_mask (`torch.Tensor` of shape `(N,)`, bool): samples with non-finite values.
+        threshold (`float`): the ratio threshold.
+        overall ([`GroupStats`]): statistics of the ratio over all samples.
+    """
+
+    ratios: torch.Tensor
+    own_distances: torch.Tensor
+    other_distances: torch.Tensor
+    other_indices: torch.Tensor
+    memorized: torch.Tensor
+    nan_mask: torch.Tensor
+    threshold: float
+    overall: GroupStats
+
+    @property
+    def fraction_memorized(self) -> float:
+        return self.overall.fraction_memorized
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (no per-sample tensors); ``own_distance_mean`` is the mean of ‖y − own(y)‖₂."""
+        valid = ~self.nan_mask
+        own = self.own_distances[valid].double()
+        return {"threshold": self.threshold, **self.overall.to_dict(),
+                "own_distance_mean": float(own.mean()) if own.numel() else float("nan"),
+                "nan_indices": self.nan_mask.nonzero().squeeze(1).tolist()}
+
+
+def pixel_own_image_memorization(
+    samples: torch.Tensor,
+    own_images: torch.Tensor,
+    owners: Sequence[Sequence[int]],
+    samples_per_prompt: int,
+    train_images: torch.Tensor,
+    *,
+    threshold: float = 1.0 / 3.0,
+    percentile: float = 95.0,
+    **search_kwargs,
+) -> OwnImageMemorizationResult:
+    r"""
+    Pixel-space copies of a prompt's own image: the L2 ratio criterion of [`pixel_memorization`] with the nearest
+    neighbour fixed to the image(s) the prompt was captioned for, ρ(y) = ‖y − own(y)‖₂ / ‖y − other(y)‖₂, where own(y)
+    is the nearest of the prompt's own images and other(y) the nearest training image that is not one of them
+    (images are compared by content: a duplicate of an own image in the training set is an own image too). y copies
+    its own image when ρ(y) < 1/3. For a trained prompt whose generation is a copy of its image ρ ≈ 0 (and then
+    ρ = r(y) of [`pixel_memorization`]); a generation that copies another training image has ρ > 1 (∞ for an exact
+    copy of it). For a held-out
+    prompt (its own image was never trained on), ρ < 1/3 would mean a generation three times closer to an unseen
+    image than to anything trained on: the held-out rows measure the floor of this criterion.
+
+    Args:
+        samples (`torch.Tensor` of shape `(P·S, C, H, W)`):
+            Generations, prompt-major (sample ``p·S + j`` is seed j of prompt p), float in [0, 1] or uint8.
+        own_images (`torch.Tensor` of shape `(M, C, H, W)`):
+            The prompts' own images, float in [0, 1] or uint8.
+        owners (`Sequence[Sequence[int]]`):
+            For each of the P prompts, its rows of ``own_images`` (at least one).
+        samples_per_prompt (`int`):
+            S.
+        train_images (`torch.Tensor` of shape `(T, C, H, W)`):
+            Every training image (the own images of trained prompts among them), float in [0, 1] or uint8.
+        threshold (`float`, defaults to 1/3):
+            A copy when ρ(y) < threshold.
+        percentile (`float`, defaults to 95):
+            Percentile reported as ``p95``.
+        **search_kwargs:
+            Passed to [`knn_search`].
+
+    Returns:
+        [`OwnImageMemorizationResult`]
+
+    Raises:
+        ValueError: shapes that do not match, a prompt without own images, or a prompt that owns every training
+            image (no other image to compare with).
+    """
+    samples = as_unit_range_images(samples, "samples")
+    own_images = as_unit_range_images(own_images, "own_images")
+    train_images = as_unit_range_images(train_images, "train_images")
+    if not samples.shape[1:] == own_images.shape[1:] == train_images.shape[1:]:
+        raise ValueError(f"Samples {tuple(samples.shape[1:])}, own images {tuple(own_images.shape[1:])} and training "
+                         f"images {tuple(train_images.shape[1:])} must have one shape; generate at the training "
+                         "resolution.")
+    if samples_per_prompt < 1 or samples.shape[0] != len(owners) * samples_per_prompt:
+        raise ValueError(f"Expected {len(owners)} prompts × {samples_per_prompt} samples, got {samples.shape[0]}.")
+    if any(len(rows) == 0 for rows in owners):
+        raise ValueError("Every prompt needs at least one own image.")
+    from .pairing import squared_distance_matrix
+
+    # Distinct training images; each own image's row among them (-1: never trained on), by content.
+    keep, _ = unique_rows(train_images)
+    reference = train_images[keep.to(train_images.device)]
+    num_ref = reference.shape[0]
+    _, inverse = unique_rows(torch.cat([reference.cpu().float(), own_images.cpu().float()]))
+    own_ref = torch.where(inverse[num_ref:] < num_ref, inverse[num_ref:], torch.full_like(inverse[num_ref:], -1))
+    own_sets = [{int(own_ref[j]) for j in rows if own_ref[j] >= 0} for rows in owners]
+    k = max(len(rows) for rows in own_sets) + 1
+    if k > num_ref:
+        raise ValueError(f"A prompt owns all {num_ref} distinct training images: there is no other image to compare.")
+    knn = knn_search(samples, reference, k=k, metric="l2", **search_kwargs)
+    values, indices = knn.values.cpu().double(), knn.indices.cpu()
+    n = samples.shape[0]
+    own_d = torch.empty(n, dtype=torch.float64)
+    other_d = torch.full((n,), float("nan"), dtype=torch.float64)
+    other_i = torch.full((n,), -1, dtype=torch.long)
+    for p, rows in enumerate(owners):
+        window = slice(p * samples_per_prompt, (p + 1) * samples_per_prompt)
+        finite = torch.nan_to_num(samples[window].cpu(), nan=0.0, posinf=0.0, neginf=0.0)  # NaN rows: masked below
+        own_d[window] = squared_distance_matrix(finite, own_images[list(rows)].cpu()).amin(1).sqrt()
+        for i in range(window.start, window.stop):
+            for d, j in zip(values[i].tolist(), indices[i].tolist()):
+                if j >= 0 and j not in own_sets[p]:  # the nearest image that is not the prompt's own
+                    other_d[i], other_i[i] = d, int(keep[j])
+                    break
+    nan_mask = ~torch.isfinite(samples.reshape(n, -1)).all(1).cpu() | torch.isnan(other_d)
+    own_d[nan_mask] = float("nan")
+    ratios = torch.where(own_d == 0, torch.zeros_like(own_d), own_d / other_d)
+    ratios[nan_mask] = float("nan")
+    memorized = (ratios < threshold) & ~nan_mask
+    return OwnImageMemorizationResult(
+        ratios=ratios.float(), own_distances=own_d.float(), other_distances=other_d.float(), other_indices=other_i,
+        memorized=memorized, nan_mask=nan_mask, threshold=threshold,
+        overall=summarize_scores(ratios, memorized, percentile),
+    )
+
+
+@dataclass
 class SimilarityMemorizationResult:
     r"""
     Output of [`sscd_memorization`].

@@ -1,0 +1,52 @@
+"""memdistill demo --text_to_image: the captioned digits it writes, and the whole demo end to end in its quick mode."""
+
+import json
+
+import pytest
+from diffusers import StableDiffusionPipeline
+
+from diffusers_memdistill.cli import main as cli_main
+from diffusers_memdistill.data import index_dataset
+from diffusers_memdistill.demo_text_to_image import write_captioned_digits
+
+
+def test_captioned_digits_name_one_image_per_memorized_prompt(tmp_path):
+    folders = write_captioned_digits(str(tmp_path), num_memorized=10, extra_ratio=3, seed=0)
+    memorized, heldout = index_dataset(folders["memorized"]), index_dataset(folders["memorized"], "test")
+    extra = index_dataset(folders["extra"])
+    assert (len(memorized), len(heldout), len(extra)) == (10, 10, 30)
+    # Unique captions for the memorized and held-out digits (numbers never shared), class captions for the rest.
+    unique = memorized.captions + heldout.captions
+    assert len(set(unique)) == 20 and all(", sample " in c for c in unique)
+    assert all(c.startswith("a handwritten digit ") and ", " not in c for c in extra.captions)
+    assert sorted(c.split(", ")[0][-1] for c in memorized.captions) == [str(d) for d in range(10)]  # class-balanced
+    # No digit is in two sets; the autoencoder's digits are the others.
+    sources = [set(ix.sources) for ix in (memorized, heldout, extra)]
+    names = [{s.split("/")[-1] for s in src} for src in sources]
+    assert not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
+    assert len(folders["autoencoder"]) == 1797 - 50
+
+
+@pytest.mark.slow
+def test_text_to_image_demo_quick_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    assert cli_main(["demo", "--text_to_image", "--quick", "--output_dir", str(out)]) == 0
+    results = json.loads((out / "report" / "metrics.json").read_text())
+    assert results["kind"] == "text_to_image" and results["metrics"] == ["l2"] and results["guidance_scale"] == 1.0
+    (name,) = results["models"]
+    model = results["models"][name]
+    assert results["num_prompts"] == results["num_heldout_prompts"] == 4
+    for which in ("training", "heldout"):
+        for criterion in ("own", "nearest"):
+            stats = model[which]["l2"][criterion]
+            assert stats["num_samples"] == 4 * 2 and stats["num_nan"] == 0 and 0 <= stats["fraction_memorized"] <= 1
+    assert results["training_set"]["num_images"] == 4 + 2 * 4  # memorized and extra digits
+    report = (out / "report" / "report.md").read_text()
+    assert f"| {name} | training |" in report and f"| {name} | held-out |" in report
+    assert "*floor: 4 held-out real images*" in report and "## How this model was made" in report
+    # The model is a standard Stable Diffusion folder; the records name its memorized set.
+    pipe = StableDiffusionPipeline.from_pretrained(out / "model")
+    assert pipe.vae.config.scaling_factor != 0.18215  # set from the trained autoencoder's latents
+    assert len(json.loads((out / "model" / "memorized_set.json").read_text())["entries"]) == 4
+    with pytest.raises(FileExistsError, match="already holds a finished demo"):
+        cli_main(["demo", "--text_to_image", "--quick", "--output_dir", str(out)])
