@@ -119,16 +119,24 @@ def test_evaluate_bad_input(copying_model, tmp_path):
 def test_demo_quick_end_to_end(tmp_path):
     out = tmp_path / "demo"
     assert cli_main(["demo", "--quick", "--output_dir", str(out)]) == 0
-    results = json.loads((out / "report" / "metrics.json").read_text())
-    assert set(results["models"]) == {"teacher", "student (1-step)", "student (2-step)", "DMD student"}
-    for name, m in results["models"].items():
+    # The demo is the severe matched-quality run with the pairing metric.
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["regime"] == "severe" and results["config"]["pairing"]
+    assert set(results["selected"]) == {"CD (1 step)", "CD (2 steps)", "DMD", "PD (1 step)", "PD+refine", "DMD+refine"}
+    audit = json.loads((out / "eval" / "metrics.json").read_text())
+    for name, m in audit["models"].items():
         assert 0.0 <= m["l2"]["fraction_memorized"] <= 1.0 and m["num_nan_samples"] == 0
-    assert results["models"]["student (1-step)"]["pairing"]["delta_e"] >= 0
-    assert results["models"]["DMD student"]["pairing"]["delta_e"] >= 0
-    assert (out / "teacher" / "model_index.json").is_file() and (out / "student" / "training_set.json").is_file()
+        if name != "teacher":
+            assert m["pairing"]["delta_e"] >= 0
+    for c in results["candidates"]:  # the table's ΔE is the audit's
+        assert c["delta_e"] == audit["models"][c["name"]]["pairing"]["delta_e"]
+    assert "ΔE vs teacher" in (out / "matched.md").read_text()
+    assert (out / "teacher" / "model_index.json").is_file() and (out / "cd" / "training_set.json").is_file()
     assert json.loads((out / "dmd" / "model_index.json").read_text())["_class_name"][-1] == "DMDGeneratorPipeline"
-    with pytest.raises(FileExistsError, match="already holds a finished demo"):
+    with pytest.raises(FileExistsError, match="already holds a finished"):
         cli_main(["demo", "--quick", "--output_dir", str(out)])
+    with pytest.raises(ValueError, match="--metrics applies to --text_to_image"):
+        cli_main(["demo", "--quick", "--output_dir", str(tmp_path / "other"), "--metrics", "l2"])
 
 
 def test_cli_help_lists_the_commands(capsys):

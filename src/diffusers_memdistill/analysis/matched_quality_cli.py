@@ -34,9 +34,7 @@ SELECTION_RULE = (
     "to the better score, then to the earlier candidate (`analysis.matched_quality.select_matched_checkpoint`, no "
     "tolerance: the distance is reported instead).")
 
-# The recipes: the demo's teacher, CD and DMD flags (training scripts' flags, at CPU scale) and PD's.
-PD_ARGS = ["--loss", "pseudo_huber", "--train_batch_size", "64", "--learning_rate", "2e-4", "--lr_warmup_steps", "0",
-           "--num_validation_images", "16"]
+# The recipes of the teacher, CD, DMD and PD runs are the digits' CPU recipes (`diffusers_memdistill.recipes`).
 # Regimes: "severe" is the demo's teacher (32 digits, memorized almost completely); "moderate" trains on more digits,
 # which the teacher memorizes only in part at the same length.
 REGIMES = {
@@ -74,6 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Comma-separated refinement levels of PD+refine and DMD+refine (the regime's grid).")
     parser.add_argument("--inception_weights", default=None,
                         help="FID Inception TorchScript file or URL: match on FID instead of pixel FD.")
+    parser.add_argument("--pairing", action="store_true",
+                        help="Also measure every candidate's pairing inefficiency ΔE against the teacher's 8-step map "
+                             "(003 Def. 3.1), in the audit and the table.")
     parser.add_argument("--quick", action="store_true", help="A few steps of everything (a smoke test, seconds).")
     parser.add_argument("--overwrite", action="store_true", help="Replace the results of an earlier run.")
     parser.add_argument("--device", default=None, help="cuda or cpu for the audit (default: cuda when available).")
@@ -118,6 +119,7 @@ def resolve_config(args) -> dict:
                    num_other_images=args.num_other_images)
     cfg["regime"] = args.regime + (" (localized)" if cfg["repeat_classes"] else "")
     cfg["quality_metric"] = "fid" if args.inception_weights else "fd_pixel"
+    cfg["pairing"] = bool(getattr(args, "pairing", False))
     return cfg
 
 
@@ -151,7 +153,8 @@ def _stats(model: dict) -> dict:
     l2 = model.get("l2", {})
     groups = {name: {"memorized": g.get("fraction_memorized"), "p95": g.get("p95")}
               for name, g in (l2.get("groups") or {}).items()}
-    return {"memorized": l2.get("fraction_memorized"), "p95": l2.get("p95"), "groups": groups}
+    return {"memorized": l2.get("fraction_memorized"), "p95": l2.get("p95"), "groups": groups,
+            "delta_e": (model.get("pairing") or {}).get("delta_e")}
 
 
 def _fmt(value, pct=False):
@@ -189,11 +192,18 @@ def render_markdown(results: dict) -> str:
         header += "Mem (L2) / p95 ratio |"
         sep = "|---|---|---|---|---|"
 
+    pairing = cfg.get("pairing", False)
+    if pairing:  # ΔE of each student against the teacher's 8-step map (003 Def. 3.1)
+        header += " ΔE vs teacher |"
+        sep += "---|"
+
     def cells(c):
         if grouped:
             g = c["groups"]
-            return f"{_mem(g.get('repeated', {}))} | {_mem(g.get('non-repeated', {}))} | {_mem(c)} |"
-        return f"{_mem(c)} |"
+            out = f"{_mem(g.get('repeated', {}))} | {_mem(g.get('non-repeated', {}))} | {_mem(c)} |"
+        else:
+            out = f"{_mem(c)} |"
+        return out + (f" {_fmt(c.get('delta_e'))} |" if pairing else "")
 
     lines += [header, sep, f"| Teacher | {cfg['teacher_steps']} steps | {_fmt(teacher['quality'])} | – | "
               f"{cells(teacher)}"]
@@ -274,12 +284,11 @@ def main(args) -> int:
     common = ["--seed", str(args.seed), "--report_to", "none"] + overwrite
     start = time.time()
 
-    from ..demo import DMD_ARGS, STUDENT_ARGS
+    from ..recipes import CD_ARGS, DMD_ARGS, PD_ARGS, TEACHER_ARGS
     from ..evaluate import evaluate
     from ..pipelines.pipeline_refined import RefinedPipeline
     from ..training import distill_consistency, distill_dmd, distill_progressive, train_edm_teacher
     from ..training.runner import reset_accelerate_state
-    from .dmd_sweep import TEACHER_ARGS
 
     dirs = {name: os.path.join(out, name) for name in ("teacher", "cd", "dmd", "pd", "snapshots", "refined", "eval")}
     every = lambda steps: str(max(1, steps // cfg["num_checkpoints"]))  # noqa: E731
@@ -302,7 +311,7 @@ def main(args) -> int:
     teacher = ["--pretrained_model_name_or_path", dirs["teacher"]]
     print(f"[2/5] CD ({cfg['cd_steps']} steps), DMD ({cfg['dmd_steps']}), PD ({cfg['pd_teacher_steps']} -> 1 steps, "
           f"{cfg['pd_steps']} per round)")
-    distill_consistency.main(distill_consistency.parse_args(STUDENT_ARGS + common + teacher + [
+    distill_consistency.main(distill_consistency.parse_args(CD_ARGS + common + teacher + [
         "--max_train_steps", str(cfg["cd_steps"]), "--checkpointing_steps", every(cfg["cd_steps"]),
         "--output_dir", dirs["cd"]]))
     reset_accelerate_state()
@@ -339,7 +348,7 @@ def main(args) -> int:
             meta.append((names[-1], f"{method}+refine", f"σ = {sigma:g}", None))
 
     # 4. One audit of everything, from the same noises.
-    metrics = ("l2", "fd_pixel") + (("fid",) if args.inception_weights else ())
+    metrics = ("l2", "fd_pixel") + (("fid",) if args.inception_weights else ()) + (("pairing",) if args.pairing else ())
     print(f"[4/5] Auditing {len(paths)} models on {cfg['num_samples']} shared noises -> {dirs['eval']}")
     audit = evaluate(paths, dirs["eval"], num_samples=cfg["num_samples"], metrics=metrics, seed=args.seed,
                      student_steps=(1, 2), device=args.device, names=names,
