@@ -1170,7 +1170,7 @@ class CardCommand:
     The demo's card, ``model_cards/digits-demo.md``, is generated from a ``memdistill demo`` run with::
 
         memdistill demo --output_dir memdistill-demo
-        memdistill card --model memdistill-demo/student --metrics memdistill-demo/report/metrics.json \
+        memdistill card --model memdistill-demo/cd --metrics memdistill-demo/eval/metrics.json \
             --name digits-demo --output model_cards/digits-demo.md
 
     It writes the card and copies the figures it shows to ``model_cards/digits-demo-figures/``.
