@@ -17,7 +17,6 @@ this package, `DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`, 
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
@@ -25,8 +24,8 @@ from ..losses.consistency import LPIPS_NETS, WEIGHTINGS, ConsistencyDistillation
 from ..models.denoiser import ConsistencyDenoiser, EDMDenoiser
 from ..pipelines.pipeline_consistency import ConsistencyStudentPipeline
 from ..schedulers.scheduling_consistency import ConsistencyStudentScheduler
-from .arguments import add_training_args, refuse_overlap, validate_training_args
-from .distillation import build_student_unet, file_sha256, load_edm_teacher, resolve_pretrained
+from .arguments import add_training_args, validate_training_args
+from .distillation import build_student_unet, load_teacher_for_distillation
 from .ema import ModelEMA
 from .runner import Average, Phase, TrainingPlan, TrainingRunner, build_optimizer
 
@@ -145,12 +144,8 @@ def main(args) -> int:
     # 1. Accelerator, output folder and resume checks (nothing is written yet).
     runner = TrainingRunner(args, SCRIPT)
     # 2. The teacher and its exact training set (checked before anything is written), rank 0 first.
-    with runner.main_process_first():
-        folder = resolve_pretrained(args.pretrained_model_name_or_path, args.revision, args.variant)
-        teacher_pipeline, training_set = load_edm_teacher(folder, args.teacher_dataset, variant=args.variant)
-    refuse_overlap(args.output_dir, [folder, training_set.record.get("root"), training_set.record.get("dataset")])
-    weights = "diffusion_pytorch_model" + (f".{args.variant}" if args.variant else "") + ".safetensors"
-    teacher_sha256 = file_sha256(os.path.join(folder, "unet", weights))
+    folder, teacher_pipeline, training_set, teacher_sha256 = load_teacher_for_distillation(
+        args, runner.main_process_first)
     lpips = build_lpips_distance(args.lpips_net) if args.loss == "lpips" else None
     # 3. Student, target, EMA and optimizer; the runner distils and saves the EMA as the pipeline.
     runner.train(build_plan(args, teacher_pipeline, training_set, teacher_sha256, lpips), training_set)

@@ -25,7 +25,6 @@ levels (DMD2's multi-step generator, trained by backward simulation). The saved 
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
@@ -33,8 +32,8 @@ from ..losses.consistency import build_lpips_distance
 from ..losses.dmd import FAKE_SIGMA_SAMPLINGS, DMDLoss, teacher_ode_pairs
 from ..models.denoiser import EDMDenoiser
 from ..models.fake_score import DMDFakeScore
-from .arguments import add_training_args, refuse_overlap, validate_training_args
-from .distillation import build_student_unet, file_sha256, load_edm_teacher, resolve_pretrained
+from .arguments import add_training_args, validate_training_args
+from .distillation import build_student_unet, load_teacher_for_distillation
 from .dmd import check_sigma_range, check_update_ratio, generator_pipeline
 from .ema import ModelEMA
 from .runner import Average, Phase, TrainingPlan, TrainingRunner, build_optimizer
@@ -269,12 +268,8 @@ def main(args) -> int:
     # 1. Accelerator, output folder and resume checks (nothing is written yet).
     runner = TrainingRunner(args, SCRIPT)
     # 2. The teacher and its exact training set (checked before anything is written), rank 0 first.
-    with runner.main_process_first():
-        folder = resolve_pretrained(args.pretrained_model_name_or_path, args.revision, args.variant)
-        teacher_pipeline, training_set = load_edm_teacher(folder, args.teacher_dataset, variant=args.variant)
-    refuse_overlap(args.output_dir, [folder, training_set.record.get("root"), training_set.record.get("dataset")])
-    weights = "diffusion_pytorch_model" + (f".{args.variant}" if args.variant else "") + ".safetensors"
-    teacher_sha256 = file_sha256(os.path.join(folder, "unet", weights))
+    folder, teacher_pipeline, training_set, teacher_sha256 = load_teacher_for_distillation(
+        args, runner.main_process_first)
     lpips = None
     if args.regression_weight > 0 and args.regression_loss == "lpips":
         lpips = build_lpips_distance("vgg")

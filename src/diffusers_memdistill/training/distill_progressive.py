@@ -42,8 +42,8 @@ from ..models.denoiser import EDMDenoiser
 from ..pipelines.pipeline_progressive import ProgressiveDistillationPipeline
 from ..schedulers.scheduling_edm_ddim import EDMDDIMScheduler
 from ..solvers import euler_step, heun_step
-from .arguments import add_training_args, refuse_overlap, validate_training_args
-from .distillation import build_student_unet, file_sha256, load_edm_teacher, resolve_pretrained
+from .arguments import add_training_args, validate_training_args
+from .distillation import build_student_unet, file_sha256, load_teacher_for_distillation
 from .ema import ModelEMA
 from .runner import Average, Phase, TrainingPlan, TrainingRunner, build_optimizer, reset_accelerate_state
 from .utils import CHECKPOINT_DIR, list_checkpoints
@@ -258,12 +258,8 @@ def main(args, step_callback=None) -> int:
 
     from .utils import use_cpu
 
-    with PartialState(cpu=use_cpu(args.cpu)).main_process_first():
-        folder = resolve_pretrained(args.pretrained_model_name_or_path, args.revision, args.variant)
-        teacher_pipeline, training_set = load_edm_teacher(folder, args.teacher_dataset, variant=args.variant)
-    refuse_overlap(args.output_dir, [folder, training_set.record.get("root"), training_set.record.get("dataset")])
-    weights = "diffusion_pytorch_model" + (f".{args.variant}" if args.variant else "") + ".safetensors"
-    teacher_sha256 = file_sha256(os.path.join(folder, "unet", weights))
+    folder, teacher_pipeline, training_set, teacher_sha256 = load_teacher_for_distillation(
+        args, PartialState(cpu=use_cpu(args.cpu)).main_process_first)
     sched_cfg = teacher_pipeline.scheduler.config
     # 2. What each round does: kept, resumed or fresh (all checked now).
     actions = plan_rounds(args, dirs, teacher_sha256)

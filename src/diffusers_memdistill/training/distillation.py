@@ -75,6 +75,31 @@ def load_edm_teacher(folder: str, dataset: str | None = None, *, variant: str | 
     return pipeline, training_set
 
 
+def load_teacher_for_distillation(args, main_process_first):
+    """The EDM teacher of a distillation script and its exact training set, checked before anything is written.
+
+    Resolves ``--pretrained_model_name_or_path`` (a folder or a Hub id, with ``--revision`` / ``--variant``) on the
+    main process first, rebuilds the teacher's training set (``--teacher_dataset`` if it moved), refuses an
+    ``--output_dir`` that overlaps the teacher or its data, and hashes the teacher's weights.
+
+    Args:
+        args (`argparse.Namespace`): the script's flags.
+        main_process_first (`Callable`): a context manager factory (``runner.main_process_first`` or accelerate's
+            ``PartialState.main_process_first``).
+
+    Returns:
+        `(folder, EDMPipeline, TrainingSet, teacher_sha256)`.
+    """
+    from .arguments import refuse_overlap
+
+    with main_process_first():
+        folder = resolve_pretrained(args.pretrained_model_name_or_path, args.revision, args.variant)
+        teacher_pipeline, training_set = load_edm_teacher(folder, args.teacher_dataset, variant=args.variant)
+    refuse_overlap(args.output_dir, [folder, training_set.record.get("root"), training_set.record.get("dataset")])
+    weights = "diffusion_pytorch_model" + (f".{args.variant}" if args.variant else "") + ".safetensors"
+    return folder, teacher_pipeline, training_set, file_sha256(os.path.join(folder, "unet", weights))
+
+
 def build_student_unet(
     teacher_unet: UNet2DModel, init: str = "teacher", layers_per_block: int | None = None, seed: int = 0
 ) -> tuple[UNet2DModel, int]:
