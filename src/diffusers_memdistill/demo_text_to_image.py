@@ -68,7 +68,10 @@ UNET_ARGS = ["--resolution", str(RESOLUTION), "--train_batch_size", "32", "--lea
              "--validation_inference_steps", "25", "--validation_guidance_scale", "1"]
 # The full LCM student's flags (distill_lcm.py) beyond those the configuration sets. Guidance w = 0 only (w_min = w_max
 # = 0: the teacher's own unguided step), since the teacher never saw an empty prompt; the student then samples at
-# guidance scale 1 + w = 1, as the teacher does. LCM_LEARNING_RATE is the measured choice described below.
+# guidance scale 1 + w = 1, as the teacher does. 1,000 steps take about 2.5 min on one thread. Measured on the seed-0
+# teacher (4 seeds per prompt, 4 LCM steps): learning rate 1e-4 gives an own-image ratio ρ of 0.90 on the memorized
+# prompts (2.02 held-out) and 0% of copies below 1/3; 5e-4 gives 0.86 (1.96) and 0%: the student draws its prompt's
+# digit, blurred, but at this step count copies none (the teacher: 0.66, 69.5%).
 LCM_LEARNING_RATE = "1e-4"
 LCM_ARGS = ["--resolution", str(RESOLUTION), "--train_batch_size", "32", "--learning_rate", LCM_LEARNING_RATE,
             "--lr_warmup_steps", "50", "--w_min", "0", "--w_max", "0", "--num_validation_images", "4"]
