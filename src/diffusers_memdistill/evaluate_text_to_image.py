@@ -320,7 +320,7 @@ def audit_text_to_image(
     *,
     samples_per_prompt: int = DEFAULT_SAMPLES_PER_PROMPT,
     guidance_scale: float | None = DEFAULT_GUIDANCE_SCALE,
-    num_inference_steps: int | None = None,
+    num_inference_steps: int | dict | None = None,
     num_prompts: int | None = None,
     seed: int = 0,
     batch_size: int = 16,
@@ -349,7 +349,8 @@ def audit_text_to_image(
         heldout (`TrainingSet`, *optional*): pairs no model saw (held-out prompts and the floor row).
         samples_per_prompt (`int`, defaults to 4): seeds per prompt.
         guidance_scale (`float`, defaults to 7.5): classifier-free guidance scale (None: the pipeline's default).
-        num_inference_steps (`int`, *optional*): sampling steps (the registration's default when None).
+        num_inference_steps (`int` or `dict`, *optional*): sampling steps, or report name -> steps (a model missing
+            from the dict, or None: the registration's default).
         num_prompts (`int`, *optional*): a seeded subset of this many prompts (and at most as many held-out ones).
         seed (`int`), batch_size (`int`), device: as in [`~evaluate.evaluate`].
         metrics (`tuple`): among ``"clip"``, ``"sscd"`` and ``"l2"`` (pixel L2 ratios, no weights needed).
@@ -372,6 +373,9 @@ def audit_text_to_image(
     unknown = [m for m in metrics if m not in TEXT_TO_IMAGE_METRICS]
     if unknown:
         raise ValueError(f"The text-to-image audit measures {', '.join(TEXT_TO_IMAGE_METRICS)}; not {unknown}.")
+    if isinstance(num_inference_steps, dict) and set(num_inference_steps) - set(pipelines):
+        raise ValueError(f"num_inference_steps names models that are not audited: "
+                         f"{sorted(set(num_inference_steps) - set(pipelines))}.")
     settings = _settings(metrics, sscd_preprocessing, sscd_threshold, True, sscd_weights, sscd_onnx, None, None)
     settings.update(clip_model=clip_model, clip_pretrained=clip_pretrained)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -399,7 +403,8 @@ def audit_text_to_image(
         if noise is None or tuple(noise.shape[1:]) != shape:
             noise = shared_noise(len(all_prompts), shape, seed)
         generators = stream_generators(seed, range(len(all_prompts)), STREAM_INJECTED_NOISE)
-        steps = num_inference_steps or registration.steps(pipe)
+        steps = num_inference_steps.get(name) if isinstance(num_inference_steps, dict) else num_inference_steps
+        steps = steps or registration.steps(pipe)
         raw = sample_images(pipe.to(device), noise, generators, prompts=all_prompts, num_inference_steps=steps,
                             batch_size=batch_size, guidance_scale=guidance_scale)
         file = f"{_slug(name)}.safetensors"
