@@ -120,6 +120,20 @@ def _overlap(a: str, b: str) -> bool:
     return a == b or a.startswith(b.rstrip(os.sep) + os.sep) or b.startswith(a.rstrip(os.sep) + os.sep)
 
 
+
+def add_teacher_args(parser: argparse.ArgumentParser, title: str = "teacher"):
+    """The EDM teacher flags of the distillation scripts (``--pretrained_model_name_or_path`` / ``--teacher``,
+    ``--revision``, ``--variant``, ``--teacher_dataset``), in a group titled ``title``; returns the group."""
+    t = parser.add_argument_group(title)
+    t.add_argument("--pretrained_model_name_or_path", "--teacher", dest="pretrained_model_name_or_path",
+                   required=True, help="The EDM teacher: output folder of train_edm_teacher.py or a Hub id.")
+    t.add_argument("--revision", default=None, help="Revision (branch, tag or commit) of a Hub teacher.")
+    t.add_argument("--variant", default=None, help='Weight-file variant of the teacher (e.g. "fp16").')
+    t.add_argument("--teacher_dataset", default=None,
+                   help="Where the teacher's training data lives now, if it moved since the teacher was trained.")
+    return t
+
+
 def validate_training_args(parser: argparse.ArgumentParser, args, protected_paths=()) -> None:
     """Check the runner's flags; ``protected_paths`` (the run's teacher and data, where they are local folders) must
     not be, hold or lie inside ``--output_dir``. Exits with ``parser.error`` (one line, status 2) on the first bad

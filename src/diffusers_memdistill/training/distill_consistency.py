@@ -24,10 +24,11 @@ from ..losses.consistency import LPIPS_NETS, WEIGHTINGS, ConsistencyDistillation
 from ..models.denoiser import ConsistencyDenoiser, EDMDenoiser
 from ..pipelines.pipeline_consistency import ConsistencyStudentPipeline
 from ..schedulers.scheduling_consistency import ConsistencyStudentScheduler
-from .arguments import add_training_args, validate_training_args
+from .arguments import add_teacher_args, add_training_args, validate_training_args
 from .distillation import build_student_unet, load_teacher_for_distillation
 from .ema import ModelEMA
 from .runner import Average, Phase, TrainingPlan, TrainingRunner, build_optimizer
+from .utils import validation_images
 
 SCRIPT = "distill_consistency.py"
 
@@ -36,13 +37,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # CM recipe (SPEC §2): learning rate 4e-4 (CIFAR-10), no gradient clipping, warm-up, decay or weight decay.
     add_training_args(parser, learning_rate=4e-4, tracker_project_name="consistency_distillation", max_grad_norm=0.0)
-    t = parser.add_argument_group("teacher and student")
-    t.add_argument("--pretrained_model_name_or_path", "--teacher", dest="pretrained_model_name_or_path",
-                   required=True, help="The EDM teacher: output folder of train_edm_teacher.py or a Hub id.")
-    t.add_argument("--revision", default=None, help="Revision (branch, tag or commit) of a Hub teacher.")
-    t.add_argument("--variant", default=None, help='Weight-file variant of the teacher (e.g. "fp16").')
-    t.add_argument("--teacher_dataset", default=None,
-                   help="Where the teacher's training data lives now, if it moved since the teacher was trained.")
+    t = add_teacher_args(parser, "teacher and student")
     t.add_argument("--student_init", choices=["teacher", "random"], default="teacher",
                    help="Start from the teacher's weights (the papers' choice) or from a random network (000 D.3).")
     t.add_argument("--student_layers_per_block", type=int, default=None,
@@ -103,16 +98,10 @@ def build_plan(args, teacher_pipeline, training_set, teacher_sha256: str, lpips=
     @torch.no_grad()
     def validate(nets, _step):
         pipeline = ConsistencyStudentPipeline(nets["ema_unet"], student_scheduler)
-        pipeline.set_progress_bar_config(disable=True)
-        n = args.num_validation_images
-        device = next(nets["ema_unet"].parameters()).device
-        labels = [i % num_classes for i in range(n)] if num_classes else None
-        grids = {}
-        for name, steps in (("1-step", 1), ("2-step", 2 if args.validation_sigma is None else [args.validation_sigma])):
-            generators = [torch.Generator(device).manual_seed(args.seed + i) for i in range(n)]
-            grids[name] = pipeline(batch_size=n, class_labels=labels, generator=generators,
-                                   num_inference_steps=steps, output_type="pt").images
-        return grids
+        two_step = 2 if args.validation_sigma is None else [args.validation_sigma]
+        return {name: validation_images(pipeline, args.num_validation_images, num_classes, args.seed,
+                                        num_inference_steps=steps)
+                for name, steps in (("1-step", 1), ("2-step", two_step))}
 
     def export(nets):
         return ConsistencyStudentPipeline(nets["ema_unet"].to("cpu"), student_scheduler), {}

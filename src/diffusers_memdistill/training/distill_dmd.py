@@ -32,11 +32,12 @@ from ..losses.consistency import build_lpips_distance
 from ..losses.dmd import FAKE_SIGMA_SAMPLINGS, DMDLoss, teacher_ode_pairs
 from ..models.denoiser import EDMDenoiser
 from ..models.fake_score import DMDFakeScore
-from .arguments import add_training_args, validate_training_args
+from .arguments import add_teacher_args, add_training_args, validate_training_args
 from .distillation import build_student_unet, load_teacher_for_distillation
 from .dmd import check_sigma_range, check_update_ratio, generator_pipeline
 from .ema import ModelEMA
 from .runner import Average, Phase, TrainingPlan, TrainingRunner, build_optimizer
+from .utils import validation_images
 
 SCRIPT = "distill_dmd.py"
 
@@ -53,13 +54,7 @@ def parse_args(argv=None):
     # DMD2's recipe (003 App. D): AdamW, learning rate 2e-6 for both networks, weight decay 0.01.
     add_training_args(parser, learning_rate=2e-6, tracker_project_name="dmd_distillation", max_grad_norm=10.0)
     parser.set_defaults(adam_weight_decay=0.01, lr_warmup_steps=500)
-    t = parser.add_argument_group("teacher")
-    t.add_argument("--pretrained_model_name_or_path", "--teacher", dest="pretrained_model_name_or_path",
-                   required=True, help="The EDM teacher: output folder of train_edm_teacher.py or a Hub id.")
-    t.add_argument("--revision", default=None, help="Revision (branch, tag or commit) of a Hub teacher.")
-    t.add_argument("--variant", default=None, help='Weight-file variant of the teacher (e.g. "fp16").')
-    t.add_argument("--teacher_dataset", default=None,
-                   help="Where the teacher's training data lives now, if it moved since the teacher was trained.")
+    add_teacher_args(parser)
     d = parser.add_argument_group("distribution matching")
     d.add_argument("--fake_updates_per_generator_update", "--dfake_gen_update_ratio", type=int, default=5,
                    dest="fake_updates_per_generator_update",
@@ -223,13 +218,8 @@ def build_plan(args, teacher_pipeline, training_set, teacher_sha256: str, device
     @torch.no_grad()
     def validate(nets, _step):
         pipeline = generator_pipeline(nets["ema_generator"], sched_cfg, generator_sigmas)
-        pipeline.set_progress_bar_config(disable=True)
-        n = args.num_validation_images
-        device = next(nets["ema_generator"].parameters()).device
-        labels = [i % num_classes for i in range(n)] if num_classes else None
-        generators = [torch.Generator(device).manual_seed(args.seed + i) for i in range(n)]
-        images = pipeline(batch_size=n, class_labels=labels, generator=generators, output_type="pt").images
-        return {f"{len(generator_sigmas)}-step": images}
+        return {f"{len(generator_sigmas)}-step": validation_images(pipeline, args.num_validation_images, num_classes,
+                                                                    args.seed)}
 
     def export(nets):
         return generator_pipeline(nets["ema_generator"].to("cpu"), sched_cfg, generator_sigmas), {}

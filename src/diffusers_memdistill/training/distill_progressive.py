@@ -42,11 +42,11 @@ from ..models.denoiser import EDMDenoiser
 from ..pipelines.pipeline_progressive import ProgressiveDistillationPipeline
 from ..schedulers.scheduling_edm_ddim import EDMDDIMScheduler
 from ..solvers import euler_step, heun_step
-from .arguments import add_training_args, validate_training_args
+from .arguments import add_teacher_args, add_training_args, validate_training_args
 from .distillation import build_student_unet, file_sha256, load_teacher_for_distillation
 from .ema import ModelEMA
 from .runner import Average, Phase, TrainingPlan, TrainingRunner, build_optimizer, reset_accelerate_state
-from .utils import CHECKPOINT_DIR, list_checkpoints
+from .utils import CHECKPOINT_DIR, list_checkpoints, validation_images
 
 SCRIPT = "distill_progressive.py"
 ROUNDS_DIR = "rounds"
@@ -86,13 +86,7 @@ def parse_args(argv=None):
     # 000 App. A.1: Adam, gradient clipping, a linearly decayed learning rate (per round here).
     add_training_args(parser, learning_rate=1e-4, tracker_project_name="progressive_distillation", max_grad_norm=1.0)
     parser.set_defaults(lr_scheduler="linear")
-    t = parser.add_argument_group("teacher")
-    t.add_argument("--pretrained_model_name_or_path", "--teacher", dest="pretrained_model_name_or_path",
-                   required=True, help="The EDM teacher: output folder of train_edm_teacher.py or a Hub id.")
-    t.add_argument("--revision", default=None, help="Revision (branch, tag or commit) of a Hub teacher.")
-    t.add_argument("--variant", default=None, help='Weight-file variant of the teacher (e.g. "fp16").')
-    t.add_argument("--teacher_dataset", default=None,
-                   help="Where the teacher's training data lives now, if it moved since the teacher was trained.")
+    add_teacher_args(parser)
     p = parser.add_argument_group("progressive distillation")
     p.add_argument("--teacher_steps", type=int, default=1024,
                    help="N, DDIM steps of the EDM teacher that round 1 distils (000 starts from 4096).")
@@ -148,13 +142,7 @@ def build_plan(args, round_index: int, num_steps: int, teacher_unet, sched_cfg, 
     @torch.no_grad()
     def validate(nets, _step):
         pipeline = ProgressiveDistillationPipeline(nets["ema_unet"], scheduler)
-        pipeline.set_progress_bar_config(disable=True)
-        n = args.num_validation_images
-        device = next(nets["ema_unet"].parameters()).device
-        labels = [i % num_classes for i in range(n)] if num_classes else None
-        generators = [torch.Generator(device).manual_seed(args.seed + i) for i in range(n)]
-        images = pipeline(batch_size=n, class_labels=labels, generator=generators, output_type="pt").images
-        return {f"{num_steps}-step": images}
+        return {f"{num_steps}-step": validation_images(pipeline, args.num_validation_images, num_classes, args.seed)}
 
     def export(nets):
         return ProgressiveDistillationPipeline(nets["ema_unet"].to("cpu"), scheduler), {}

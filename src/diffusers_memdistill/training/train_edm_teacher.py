@@ -25,6 +25,7 @@ from ..schedulers.scheduling_edm_heun import EDMHeunScheduler
 from .arguments import add_data_args, add_training_args, resolve_dataset, validate_training_args
 from .ema import ModelEMA
 from .runner import Average, Phase, TrainingPlan, TrainingRunner, build_optimizer
+from .utils import validation_images
 
 SCRIPT = "train_edm_teacher.py"
 
@@ -76,14 +77,8 @@ def build_plan(args, training_set) -> TrainingPlan:
     @torch.no_grad()
     def validate(nets, _step):
         pipeline = EDMPipeline(nets["ema_unet"], EDMHeunScheduler(sigma_data=args.sigma_data))
-        pipeline.set_progress_bar_config(disable=True)
-        n = args.num_validation_images
-        device = next(nets["ema_unet"].parameters()).device
-        generators = [torch.Generator(device).manual_seed(args.seed + i) for i in range(n)]
-        labels = [i % num_classes for i in range(n)] if num_classes else None
-        images = pipeline(batch_size=n, class_labels=labels, generator=generators,
-                          num_inference_steps=args.validation_inference_steps, output_type="pt").images
-        return {"": images}
+        return {"": validation_images(pipeline, args.num_validation_images, num_classes, args.seed,
+                                      num_inference_steps=args.validation_inference_steps)}
 
     def export(nets):
         return EDMPipeline(nets["ema_unet"].to("cpu"), EDMHeunScheduler(sigma_data=args.sigma_data)), {}

@@ -229,6 +229,19 @@ def save_pipeline_atomically(pipeline, output_dir: str, records: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@torch.no_grad()
+def validation_images(pipeline, num_images: int, num_classes: int, seed: int, **kwargs) -> torch.Tensor:
+    """The training scripts' validation grid: ``num_images`` samples of ``pipeline`` (on its UNet's device), sample i
+    from a generator seeded ``seed + i`` and, for class-conditional models, with class ``i % num_classes``; extra
+    keyword arguments (``num_inference_steps``) go to the pipeline. Returns NCHW images in [0, 1]."""
+    pipeline.set_progress_bar_config(disable=True)
+    device = next(pipeline.unet.parameters()).device
+    labels = [i % num_classes for i in range(num_images)] if num_classes else None
+    generators = [torch.Generator(device).manual_seed(seed + i) for i in range(num_images)]
+    return pipeline(batch_size=num_images, class_labels=labels, generator=generators, output_type="pt",
+                    **kwargs).images
+
+
 def save_image_grid(images: torch.Tensor, path: str, nrow: int | None = None, min_size: int = 32) -> str:
     """Save images in [0, 1] of shape (N, C, H, W) as one PNG grid (written atomically); images smaller than
     ``min_size`` pixels are enlarged by an integer factor (nearest neighbour) so that the grid can be looked at."""
