@@ -112,6 +112,7 @@ from diffusers import LatentConsistencyModelPipeline, LCMScheduler
 pipe = LatentConsistencyModelPipeline.from_pretrained({str(out)!r})
 assert isinstance(pipe.scheduler, LCMScheduler), type(pipe.scheduler)
 assert pipe.scheduler.config.timestep_scaling == 10.0 and pipe.scheduler.config.original_inference_steps == 50
+assert not pipe.scheduler.config.clip_sample  # latents are never clipped to [-1, 1]
 assert pipe.unet.config.time_cond_proj_dim == 256
 pipe.set_progress_bar_config(disable=True)
 images = pipe("a memorized photo number 1", num_inference_steps=4, guidance_scale=8.0, output_type="pt",

@@ -136,11 +136,15 @@ def test_resume_reproduces_an_uninterrupted_run(teacher_dir, generator_dir, tmp_
 def test_bad_input_is_refused_before_anything_is_written(teacher_dir, generator_dir, tmp_path, capsys):
     out = tmp_path / "out"
     for flags, message in ((["--fake_updates_per_generator_update", "0"], "integer >= 1"),
-                           (["--real_guidance_scale", "1.75"], "needs --unconditional_label"),
                            (["--max_step_percent", "1.5"], "min < max <= 1")):
         with pytest.raises(SystemExit):
             distill(_args(teacher_dir, out, "--max_train_steps", "1", *flags))
         assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--real_guidance_scale needs --unconditional_label"):
+        distill(_args(teacher_dir, out, "--max_train_steps", "1", "--real_guidance_scale", "1.75"))
+    with pytest.raises(ValueError, match="--generator_timesteps, --fake_lora_rank: for Stable Diffusion teachers only"):
+        distill(_args(teacher_dir, out, "--max_train_steps", "1", "--generator_timesteps", "999", "--fake_lora_rank",
+                      "4"))
     with pytest.raises(ValueError, match=r"must be a non-empty part of the teacher's \[0.002, 80.0\]"):
         distill(_args(teacher_dir, out, "--max_train_steps", "1", "--sigma_max", "200"))
     with pytest.raises(ValueError, match="must lie in the sigma range"):

@@ -24,7 +24,7 @@ Registered here: the package's `EDMPipeline` (teacher), `ConsistencyStudentPipel
 `DMDGeneratorPipeline` and `ProgressiveDistillationPipeline` (generators, sampled with their trained steps), and
 diffusers' `DDPMPipeline`, `DDIMPipeline` (teachers), `ConsistencyModelPipeline` (student) and
 `StableDiffusionPipeline` (a text-to-image teacher in latent space; its ``sample`` also takes ``guidance_scale``; with
-an `LCMScheduler`, an LCM-LoRA, 4 steps without guidance) and `LatentConsistencyModelPipeline` (an LCM student, 4 steps).
+an `LCMScheduler`, an LCM-LoRA or a DMD generator, 4 steps or the generator's K, without guidance) and `LatentConsistencyModelPipeline` (an LCM student, 4 steps).
 `RefinedPipeline` (a registered generator's samples refined by an EDM teacher, 000 App. A) registers itself where it
 is defined, `pipelines/pipeline_refined.py`, which uses this registry; `memdistill evaluate` imports it.
 
@@ -417,11 +417,20 @@ def _sample_consistency_model(pipe, latents, generators, class_labels=None, prom
     return sample_with_scheduler_loop(pipe, latents, generators, class_labels, num_inference_steps)
 
 
-def _is_lcm_lora(pipe) -> bool:
-    """A Stable Diffusion pipeline sampled by an `LCMScheduler`: an LCM-LoRA loaded on its teacher."""
+def _is_lcm_sampled(pipe) -> bool:
+    """A Stable Diffusion pipeline sampled by an `LCMScheduler`: an LCM-LoRA loaded on its teacher, or a DMD generator
+    (``distill_dmd.py`` on a Stable Diffusion teacher)."""
     from diffusers import LCMScheduler
 
     return isinstance(pipe.scheduler, LCMScheduler)
+
+
+def _stable_diffusion_steps(pipe) -> int:
+    """50 for a teacher; with an `LCMScheduler`, 4, or K for a K-step DMD generator (``original_inference_steps`` = K
+    below 4)."""
+    if not _is_lcm_sampled(pipe):
+        return 50
+    return min(4, int(pipe.scheduler.config.original_inference_steps or 50))
 
 
 def _sample_stable_diffusion(pipe, latents, generators, class_labels=None, prompts=None, num_inference_steps=None,
@@ -429,11 +438,11 @@ def _sample_stable_diffusion(pipe, latents, generators, class_labels=None, promp
     """diffusers' StableDiffusionPipeline from GIVEN unit-variance latents (it scales them by the scheduler's
     ``init_noise_sigma``) and one prompt per sample; the final latents (``output_type="latent"``).
 
-    With an `LCMScheduler` (an LCM-LoRA on its teacher) the guidance is the one distilled into the LoRA: it samples at
-    ``guidance_scale=1`` (no classifier-free guidance), whatever ``guidance_scale`` says."""
+    With an `LCMScheduler` (an LCM-LoRA on its teacher, or a DMD generator) the guidance is the one distilled into the
+    weights: it samples at ``guidance_scale=1`` (no classifier-free guidance), whatever ``guidance_scale`` says."""
     if prompts is None:
         raise ValueError("StableDiffusionPipeline samples from prompts: pass one prompt per sample.")
-    if _is_lcm_lora(pipe):
+    if _is_lcm_sampled(pipe):
         guidance_scale = 1.0
     kwargs = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
     pipe.set_progress_bar_config(disable=True)
@@ -475,7 +484,7 @@ def _register_defaults():
     register_pipeline("DDIMPipeline", kind="teacher", sample=_sample_ddim, default_steps=50)
     register_pipeline("ConsistencyModelPipeline", kind="student", sample=_sample_consistency_model, default_steps=1)
     register_pipeline("StableDiffusionPipeline", kind="teacher", sample=_sample_stable_diffusion, space="latent",
-                      default_steps=lambda pipe: 4 if _is_lcm_lora(pipe) else 50, takes_prompts=True)
+                      default_steps=_stable_diffusion_steps, takes_prompts=True)
     # An LCM student (distill_lcm.py) samples in 4 steps.
     register_pipeline("LatentConsistencyModelPipeline", kind="student", sample=_sample_latent_consistency,
                       space="latent", default_steps=4, takes_prompts=True)

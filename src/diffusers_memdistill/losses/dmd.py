@@ -145,12 +145,27 @@ def distribution_matching_loss(
         noisy = x0 + append_dims(sigma, x0.ndim) * noise
         denoised_fake = fake_denoiser(noisy, sigma, class_labels=class_labels).float()
         denoised_real = real_denoiser(noisy, sigma, class_labels=class_labels).float()
-        normaliser = (x0 - denoised_real).abs().flatten(1).mean(1)
-        grad = (denoised_fake - denoised_real) / append_dims(normaliser, x0.ndim)
-        grad = torch.nan_to_num(grad)
-        target = x0 - grad
-    loss = 0.5 * (x0 - target).square().flatten(1).mean(1)
+    loss, grad = normalised_matching_loss(x0, denoised_real, denoised_fake)
     return loss, {"sigma": sigma, "grad_norm": grad.flatten(1).norm(dim=1)}
+
+
+def normalised_matching_loss(x0: torch.Tensor, denoised_real: torch.Tensor, denoised_fake: torch.Tensor):
+    r"""DMD2's normalised surrogate of given real and fake denoised predictions at a noised x_0 (any parameterisation
+    whose denoisers predict x_0: EDM pixels or Stable Diffusion latents).
+
+    grad = (denoised_fake - denoised_real) / mean|x_0 - denoised_real| per sample (NaN-free), and
+    loss = 1/2 mean((x_0 - stopgrad(x_0 - grad))^2), whose gradient in x_0 is grad / numel.
+
+    Returns:
+        `(loss, grad)`: the per-sample loss (B,) and the detached ``grad``.
+    """
+    x0 = x0.float()
+    with torch.no_grad():
+        denoised_real, denoised_fake = denoised_real.float(), denoised_fake.float()
+        normaliser = (x0 - denoised_real).abs().flatten(1).mean(1)
+        grad = torch.nan_to_num((denoised_fake - denoised_real) / append_dims(normaliser, x0.ndim))
+        target = x0 - grad
+    return 0.5 * (x0 - target).square().flatten(1).mean(1), grad
 
 
 def discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
@@ -374,6 +389,7 @@ __all__ = [
     "distribution_matching_loss",
     "generate",
     "guided_denoiser",
+    "normalised_matching_loss",
     "restricted_karras_sigmas",
     "sample_sigmas",
     "teacher_ode_pairs",

@@ -20,20 +20,28 @@ def sample_latents(moments: torch.Tensor, scaling_factor: float, generator: torc
 
 
 class LatentDiffusionLoss:
-    r"""Per-sample loss ||F(z_t, t, c) - target||^2 (mean over latent elements) with t ~ U{0, ..., T-1},
+    r"""Per-sample loss ||F(z_t, t, c) - target||^2 (mean over latent elements) with t ~ U{t_min, ..., t_max} (default
+    U{0, ..., T-1}),
     z_t = sqrt(alpha_bar_t) z + sqrt(1 - alpha_bar_t) n, and target n (``"epsilon"``) or
     v = sqrt(alpha_bar_t) n - sqrt(1 - alpha_bar_t) z (``"v_prediction"``).
 
     Args:
         noise_scheduler (`DDPMScheduler`): the model's training schedule (its ``add_noise`` and ``get_velocity``).
         prediction_type (`str`, *optional*): defaults to the scheduler's.
+        timestep_range (`tuple[int, int]`, *optional*): (t_min, t_max), inclusive, the drawn timesteps (DMD's fake
+            score trains on the range its generator loss draws); defaults to every training timestep.
     """
 
-    def __init__(self, noise_scheduler, prediction_type: str | None = None):
+    def __init__(self, noise_scheduler, prediction_type: str | None = None,
+                 timestep_range: tuple[int, int] | None = None):
         self.scheduler = noise_scheduler
         self.prediction_type = prediction_type or noise_scheduler.config.prediction_type
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"Unknown prediction type {self.prediction_type!r}; choose one of {PREDICTION_TYPES}.")
+        num_train_timesteps = noise_scheduler.config.num_train_timesteps
+        self.timestep_range = (0, num_train_timesteps - 1) if timestep_range is None else tuple(timestep_range)
+        if not 0 <= self.timestep_range[0] <= self.timestep_range[1] < num_train_timesteps:
+            raise ValueError(f"timestep_range {self.timestep_range} must lie in [0, {num_train_timesteps - 1}].")
 
     def __call__(self, unet, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  generator: torch.Generator | None = None):
@@ -44,8 +52,8 @@ class LatentDiffusionLoss:
         """
         batch, device = latents.shape[0], latents.device
         noise = torch.randn(latents.shape, generator=generator, device=device)
-        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (batch,), generator=generator,
-                                  device=device)
+        low, high = self.timestep_range
+        timesteps = torch.randint(low, high + 1, (batch,), generator=generator, device=device)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         target = noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(latents, noise, timesteps)
         model_output = unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]

@@ -20,6 +20,10 @@ range (2%-98%). With --generator_sigmas the generator takes several steps, re-no
 levels (DMD2's multi-step generator, trained by backward simulation). The saved folder is a `DMDGeneratorPipeline`
 (`DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)` without this package) with the teacher's
 `training_set.json`, ready for `memdistill evaluate`. The loop is `training.runner.TrainingRunner`'s.
+
+A Stable Diffusion teacher (a text-to-image pipeline folder or Hub id) is distilled in latent space instead, with the
+flags of the "Stable Diffusion teachers" group and real guidance 1.75 by default (`training.distill_dmd_sd`); its
+generator is saved as a diffusers `StableDiffusionPipeline` with an `LCMScheduler`.
 """
 
 from __future__ import annotations
@@ -34,12 +38,22 @@ from ..models.denoiser import EDMDenoiser
 from ..models.fake_score import DMDFakeScore
 from .arguments import add_teacher_args, add_training_args, validate_training_args
 from .distillation import build_student_unet, load_teacher_for_distillation
+from .distillation import resolve_pretrained
 from .dmd import check_sigma_range, check_update_ratio, generator_pipeline
 from .ema import ModelEMA
+from .finetune_sd_memorize import add_memorization_mix_args, check_memorization_mix_args
 from .runner import Average, Phase, TrainingPlan, TrainingRunner, build_optimizer
+from .text_to_image import add_prompt_sampling_args, check_prompt_sampling_args, is_text_to_image_folder
 from .utils import validation_images
 
 SCRIPT = "distill_dmd.py"
+
+
+def _int_list(text: str) -> list:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _float_list(text: str) -> list:
@@ -54,7 +68,11 @@ def parse_args(argv=None):
     # DMD2's recipe (003 App. D): AdamW, learning rate 2e-6 for both networks, weight decay 0.01.
     add_training_args(parser, learning_rate=2e-6, tracker_project_name="dmd_distillation", max_grad_norm=10.0)
     parser.set_defaults(adam_weight_decay=0.01, lr_warmup_steps=500)
-    add_teacher_args(parser)
+    teacher = add_teacher_args(parser)
+    for action in teacher._group_actions:
+        if action.dest == "pretrained_model_name_or_path":
+            action.help = ("The teacher: an EDM teacher (train_edm_teacher.py's folder) or a Stable Diffusion "
+                           "text-to-image pipeline (finetune_sd_memorize.py's folder, or a Hub id), folder or Hub id.")
     d = parser.add_argument_group("distribution matching")
     d.add_argument("--fake_updates_per_generator_update", "--dfake_gen_update_ratio", type=int, default=5,
                    dest="fake_updates_per_generator_update",
@@ -62,8 +80,8 @@ def parse_args(argv=None):
     d.add_argument("--fake_learning_rate", "--guidance_lr", type=float, default=None, dest="fake_learning_rate",
                    help="Learning rate of the fake denoiser (default: --learning_rate, as DMD2).")
     d.add_argument("--generator_sigmas", type=_float_list, default=None,
-                   help="Comma-separated, decreasing input noise levels of a few-step generator (default: one step "
-                        "from the teacher's sigma_max).")
+                   help="EDM teachers: comma-separated, decreasing input noise levels of a few-step generator "
+                        "(default: one step from the teacher's sigma_max).")
     d.add_argument("--sigma_min", type=float, default=None, help="Lower end of the distillation's sigma range "
                    "(default: the teacher's).")
     d.add_argument("--sigma_max", type=float, default=None, help="Upper end (default: the teacher's).")
@@ -72,10 +90,12 @@ def parse_args(argv=None):
     d.add_argument("--max_step_percent", type=float, default=0.98, help="Drawn part of that grid: upper end.")
     d.add_argument("--fake_sigma_sampling", choices=FAKE_SIGMA_SAMPLINGS, default="karras",
                    help="Noise levels of the fake denoiser's loss: the restricted grid (DMD2) or EDM's log-normal.")
-    d.add_argument("--real_guidance_scale", type=float, default=1.0,
-                   help="Classifier-free guidance of the real score (1 = none; needs --unconditional_label).")
+    d.add_argument("--real_guidance_scale", type=float, default=None,
+                   help="Classifier-free guidance of the real score (1 = none). EDM teachers: default 1, another "
+                        "value needs --unconditional_label; Stable Diffusion teachers: default 1.75 (DMD2's for SD "
+                        "v1.5), the empty prompt being the unconditional branch.")
     d.add_argument("--unconditional_label", type=int, default=None,
-                   help="Class label of the teacher's unconditional branch, for --real_guidance_scale.")
+                   help="EDM teachers: class label of the unconditional branch, for --real_guidance_scale.")
     r = parser.add_argument_group("DMD1 regression loss (off by default)")
     r.add_argument("--regression_weight", type=float, default=0.0,
                    help="Weight of the regression loss d(G(z), Phi(z)) on teacher ODE pairs (DMD1: 0.25).")
@@ -91,9 +111,31 @@ def parse_args(argv=None):
                    dest="gan_generator_weight", help="Weight of the generator's GAN loss (DMD2: 3e-3).")
     g.add_argument("--gan_discriminator_weight", "--cls_loss_weight", type=float, default=1e-2,
                    dest="gan_discriminator_weight", help="Weight of the discriminator's loss (DMD2: 1e-2).")
+    sd = parser.add_argument_group("Stable Diffusion teachers (DMD2 in latent space)")
+    sd.add_argument("--generator_timesteps", type=_int_list, default=None,
+                    help="Comma-separated timesteps of a K-step generator, those LCMScheduler samples for K: 999 "
+                         "(default, one step) or 999,749,499,249 (four).")
+    sd.add_argument("--fake_lora_rank", type=int, default=0,
+                    help="Train the fake score as a LoRA of this rank on a frozen copy of the teacher's UNet (0: a "
+                         "full trainable copy, as DMD2).")
+    sd.add_argument("--timestep_scaling_factor", type=float, default=10.0,
+                    help="timestep_scaling of the generator's boundary scalings (LCMScheduler's).")
+    sd.add_argument("--cache_dir", default=None,
+                    help="Cache of downloaded datasets and of the encoded latents (default: the datasets cache).")
+    add_memorization_mix_args(parser, required=False, memorized_help=(
+        "Stable Diffusion teachers: image–caption pairs whose captions are the prompts (default: the teacher's own "
+        "mix, from the memorized_set.json beside it)."))
+    add_prompt_sampling_args(sd, "the generator's EMA")
     args = parser.parse_args(argv)
     teacher = args.pretrained_model_name_or_path
-    validate_training_args(parser, args, protected_paths=[teacher, args.teacher_dataset])
+    validate_training_args(parser, args, protected_paths=[teacher, args.teacher_dataset, args.memorized_data,
+                                                          args.extra_data])
+    check_memorization_mix_args(parser, args)
+    check_prompt_sampling_args(parser, args)
+    if args.fake_lora_rank < 0:
+        parser.error(f"--fake_lora_rank must not be negative, got {args.fake_lora_rank}.")
+    if not args.timestep_scaling_factor > 0:
+        parser.error(f"--timestep_scaling_factor must be positive, got {args.timestep_scaling_factor}.")
     try:
         check_update_ratio(args.fake_updates_per_generator_update)
     except ValueError as exc:
@@ -102,8 +144,6 @@ def parse_args(argv=None):
         parser.error("--min_step_percent and --max_step_percent must satisfy 0 <= min < max <= 1.")
     if args.num_train_sigmas < 2:
         parser.error("--num_train_sigmas must be at least 2.")
-    if args.real_guidance_scale != 1.0 and args.unconditional_label is None:
-        parser.error("--real_guidance_scale needs --unconditional_label (the teacher's unconditional class).")
     for flag in ("regression_weight", "gan_generator_weight", "gan_discriminator_weight"):
         if getattr(args, flag) < 0:
             parser.error(f"--{flag} must be >= 0.")
@@ -254,9 +294,42 @@ def _unwrap(module):
     return extract_model_from_parallel(module)
 
 
+# Flags of one kind of teacher (their defaults) that the other kind refuses.
+EDM_ONLY = {"generator_sigmas": None, "sigma_min": None, "sigma_max": None, "unconditional_label": None,
+            "teacher_dataset": None, "use_gan": False, "regression_weight": 0.0, "fake_sigma_sampling": "karras",
+            "num_train_sigmas": 1000}
+LATENT_ONLY = {"generator_timesteps": None, "fake_lora_rank": 0, "memorized_data": None, "extra_data": None,
+               "validation_prompts": None, "track_memorization_steps": 0}
+
+
+def check_flags_for_teacher(args, text_to_image: bool) -> None:
+    """Refuse the flags that do not apply to this kind of teacher (a clear error naming them and why)."""
+    others = EDM_ONLY if text_to_image else LATENT_ONLY
+    given = [f"--{k}" for k, default in others.items() if getattr(args, k) != default]
+    if given and text_to_image:
+        raise ValueError(f"{', '.join(given)}: not for a Stable Diffusion teacher ({args.pretrained_model_name_or_path}"
+                         "); its DMD has no GAN or regression loss and its steps are --generator_timesteps.")
+    if given:
+        raise ValueError(f"{', '.join(given)}: for Stable Diffusion teachers only; "
+                         f"{args.pretrained_model_name_or_path} is an EDM teacher.")
+    if not text_to_image:
+        if args.real_guidance_scale is None:
+            args.real_guidance_scale = 1.0
+        if args.real_guidance_scale != 1.0 and args.unconditional_label is None:
+            raise ValueError("--real_guidance_scale needs --unconditional_label (the teacher's unconditional class).")
+
+
 def main(args) -> int:
     # 1. Accelerator, output folder and resume checks (nothing is written yet).
     runner = TrainingRunner(args, SCRIPT)
+    with runner.main_process_first():
+        text_to_image = is_text_to_image_folder(resolve_pretrained(args.pretrained_model_name_or_path, args.revision,
+                                                                   args.variant))
+    check_flags_for_teacher(args, text_to_image)
+    if text_to_image:  # 2-4 in latent space
+        from . import distill_dmd_sd
+
+        return distill_dmd_sd.main(args, runner)
     # 2. The teacher and its exact training set (checked before anything is written), rank 0 first.
     folder, teacher_pipeline, training_set, teacher_sha256 = load_teacher_for_distillation(
         args, runner.main_process_first)

@@ -30,30 +30,26 @@ sampled with `LCMScheduler` in 4 steps at ``guidance_scale=1``. The loop is `tra
 from __future__ import annotations
 
 import argparse
-import os
+from typing import Callable
 
 import torch
 
-from ..captioned_data import build_memorization_mix, is_memorization_mix, load_memorization_mix, part_records
+from ..captioned_data import part_records
 from ..losses.latent_diffusion import sample_latents
 from ..losses.lcm import LOSS_TYPES, LatentConsistencyDistillationLoss, ddim_timesteps
-from ..utils.hashing import file_sha256
-from .arguments import add_training_args, refuse_overlap, validate_training_args
-from .distillation import resolve_pretrained
+from .arguments import add_training_args, validate_training_args
 from .ema import ModelEMA
-from .finetune_sd_memorize import (
-    LoraWeights,
-    _weights_file,
-    add_lora,
-    add_memorization_mix_args,
-    cached_latent_moments,
-    caption_embeddings,
-    check_memorization_mix_args,
-    check_text_to_image_folder,
-    encode_prompts,
-    load_sd_components,
-)
+from .finetune_sd_memorize import LoraWeights, add_lora, add_memorization_mix_args, check_memorization_mix_args
 from .runner import Average, Phase, TrainingPlan, TrainingRunner, build_optimizer
+from .text_to_image import (
+    add_prompt_sampling_args,
+    check_prompt_sampling_args,
+    load_text_to_image_teacher,
+    memorization_tracker,
+    num_train_timesteps,
+    pixel_memorization_track,
+    sample_prompts,
+)
 
 SCRIPT = "distill_lcm.py"
 # LCM-LoRA's targets (diffusers' train_lcm_distill_lora_sd_wds.py): attention, feed-forward, ResNet convolutions,
@@ -102,14 +98,7 @@ def parse_args(argv=None):
                    help="Comma-separated module names the LoRA adapts (default: LCM-LoRA's, those of them the UNet "
                         "has).")
     v = parser.add_argument_group("validation")
-    v.add_argument("--validation_prompts", nargs="+", default=None,
-                   help="Prompts of the validation images (default: the first memorized captions).")
-    v.add_argument("--track_memorization_steps", type=int, default=0,
-                   help="Every N steps, sample the student in 4 steps on the memorized prompts and log its pixel "
-                        "memorization (L2 ratio < 1/3 against the training images, 000 §4.1) to the trackers and to "
-                        "memorization_curve.json (0: never).")
-    v.add_argument("--track_memorization_prompts", type=int, default=16,
-                   help="How many memorized prompts (the first ones) the tracking samples, one seed each.")
+    add_prompt_sampling_args(v, "the student in 4 steps")
     v.add_argument("--validation_guidance_scale", type=float, default=None,
                    help="guidance_scale of the 4-step validation images (default: 1 + (w_min + w_max) / 2 for the full "
                         "student, 1 for a LoRA).")
@@ -135,11 +124,7 @@ def parse_args(argv=None):
         parser.error("--lora_target_modules applies to --use_lora.")
     if args.ema_sigma_rel is not None or args.ema_warmup:
         parser.error("--ema_sigma_rel and --ema_warmup do not apply: the target network is a constant --ema_decay EMA.")
-    if args.validation_prompts is not None and not [p for p in args.validation_prompts if p.strip()]:
-        parser.error("--validation_prompts holds no prompt.")
-    if args.track_memorization_steps < 0 or args.track_memorization_prompts < 1:
-        parser.error("--track_memorization_steps must not be negative and --track_memorization_prompts must be at "
-                     "least 1.")
+    check_prompt_sampling_args(parser, args)
     return args
 
 
@@ -164,22 +149,27 @@ def build_lcm_student(teacher_unet, time_cond_proj_dim: int = 256):
     return student.float().train()
 
 
-def lcm_scheduler(teacher_scheduler_config, args):
-    """diffusers' `LCMScheduler` on the teacher's noise schedule, with the grid and scaling the student learned."""
+def lcm_scheduler(teacher_scheduler_config, timestep_scaling: float = 10.0, original_inference_steps: int = 50):
+    """diffusers' `LCMScheduler` on the teacher's noise schedule, with the boundary scaling and the grid a student
+    learned (an LCM student: its DDIM grid N; a K-step DMD generator: K)."""
     import inspect
 
     from diffusers import LCMScheduler
 
     accepted = inspect.signature(LCMScheduler.__init__).parameters  # the teacher's PNDM keys (skip_prk_steps) dropped
     config = {k: v for k, v in dict(teacher_scheduler_config).items() if k in accepted}
-    return LCMScheduler.from_config({**config, "timestep_scaling": args.timestep_scaling_factor,
-                                     "original_inference_steps": args.num_ddim_timesteps})
+    # Never clip: denoised latents are not in [-1, 1] (a DDPMScheduler read from a config without clip_sample, as PNDM's
+    # may be, carries DDPM's default True, which would clip every LCM step's latents).
+    return LCMScheduler.from_config({**config, "timestep_scaling": timestep_scaling, "clip_sample": False,
+                                     "original_inference_steps": original_inference_steps})
 
 
-def build_plan(args, components: dict, training_set, latent_moments: torch.Tensor, teacher_folder: str,
-               teacher_sha256: str):
+def build_plan(args, teacher_model):
     """The student (full, with its EMA target network, or a LoRA), the frozen teacher, the LCM step on the cached
     latents and text embeddings, 4-step validation images and the export.
+
+    Args:
+        teacher_model (`TextToImageTeacher`): the loaded teacher and pairs (`text_to_image.load_text_to_image_teacher`).
 
     Returns:
         `(TrainingPlan, track)`: ``track(step) -> dict`` measures the student's memorization on the memorized prompts
@@ -187,8 +177,10 @@ def build_plan(args, components: dict, training_set, latent_moments: torch.Tenso
     """
     from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
 
+    components, training_set = teacher_model.components, teacher_model.training_set
     teacher, vae, text_encoder, tokenizer = (components[k] for k in ("unet", "vae", "text_encoder", "tokenizer"))
     noise_scheduler = components["noise_scheduler"]
+    latent_moments = teacher_model.latent_moments
     device = latent_moments.device
     torch.manual_seed(args.seed)
     teacher.requires_grad_(False).eval()
@@ -216,10 +208,7 @@ def build_plan(args, components: dict, training_set, latent_moments: torch.Tenso
         noise_scheduler.alphas_cumprod, args.num_ddim_timesteps, args.w_min, args.w_max, args.loss_type, args.huber_c,
         args.timestep_scaling_factor, noise_scheduler.config.prediction_type, time_cond_proj_dim)
     captions = list(dict.fromkeys(training_set.captions))
-    text_embeddings, caption_ids = caption_embeddings(text_encoder, tokenizer, training_set.captions, device)
-    uncond_embedding = encode_prompts(text_encoder, tokenizer, [""], device)
-    text_encoder.to("cpu")
-    vae.to("cpu")
+    text_embeddings, caption_ids, uncond_embedding = teacher_model.text_embeddings(device)
     scaling, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None)
     target_name = "unet" if args.use_lora else "target_unet"
 
@@ -233,37 +222,23 @@ def build_plan(args, components: dict, training_set, latent_moments: torch.Tenso
     averages = {}
     if not args.use_lora:
         averages["target_unet"] = Average("unet", ModelEMA(student, decay=args.ema_decay, train_mode=True))
-    scheduler = lcm_scheduler(noise_scheduler.config, args)
+    scheduler = lcm_scheduler(noise_scheduler.config, args.timestep_scaling_factor, args.num_ddim_timesteps)
     prompts = args.validation_prompts or captions[: max(1, min(4, args.num_validation_images))]
     guidance = args.validation_guidance_scale
     if guidance is None:
         guidance = 1.0 if args.use_lora else 1.0 + (args.w_min + args.w_max) / 2
+    pipeline_class = StableDiffusionPipeline if args.use_lora else LatentConsistencyModelPipeline
 
     def pipeline_of(unet):
-        if args.use_lora:
-            return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                           scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                           requires_safety_checker=False)
-        return LatentConsistencyModelPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                              scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                              requires_safety_checker=False)
+        return pipeline_class(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                              safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
-    @torch.no_grad()
+    def sample(unet, some_prompts):
+        return sample_prompts(pipeline_of, unet, components, some_prompts, args.seed, NUM_INFERENCE_STEPS, guidance)
+
     def validate(nets, _step):
-        where = next(nets["unet"].parameters()).device
-        vae.to(where)
-        text_encoder.to(where)
-        pipe = pipeline_of(nets["unet"])
-        pipe.set_progress_bar_config(disable=True)
         n = args.num_validation_images
-        generators = [torch.Generator(where).manual_seed(args.seed + i) for i in range(n)]
-        try:
-            images = pipe([prompts[i % len(prompts)] for i in range(n)], generator=generators, output_type="pt",
-                          num_inference_steps=NUM_INFERENCE_STEPS, guidance_scale=guidance).images
-        finally:
-            vae.to("cpu")
-            text_encoder.to("cpu")
-        return {f"{NUM_INFERENCE_STEPS}-step": images}
+        return {f"{NUM_INFERENCE_STEPS}-step": sample(nets["unet"], [prompts[i % len(prompts)] for i in range(n)])}
 
     def export(nets):
         records = part_records(training_set)
@@ -273,30 +248,8 @@ def build_plan(args, components: dict, training_set, latent_moments: torch.Tenso
 
     plan_track = None
     if args.track_memorization_steps:
-        memorized = training_set.parts["memorized"]
-        track_prompts = list(dict.fromkeys(memorized.captions))[: args.track_memorization_prompts]
-        reference = training_set.images  # every training image, extra pairs included
-
-        @torch.no_grad()
-        def plan_track(step):
-            """4-step samples of the student on the memorized prompts -> its pixel memorization (000 §4.1)."""
-            from ..metrics.memorization import pixel_memorization
-
-            where = next(student.parameters()).device
-            vae.to(where)
-            text_encoder.to(where)
-            pipe = pipeline_of(student)
-            pipe.set_progress_bar_config(disable=True)
-            generators = [torch.Generator(where).manual_seed(args.seed + i) for i in range(len(track_prompts))]
-            try:
-                images = pipe(track_prompts, generator=generators, output_type="pt",
-                              num_inference_steps=NUM_INFERENCE_STEPS, guidance_scale=guidance).images
-            finally:
-                vae.to("cpu")
-                text_encoder.to("cpu")
-            result = pixel_memorization(images.float().cpu().clamp(0, 1), reference)
-            return {"memorization/l2_fraction": result.fraction_memorized,
-                    "memorization/l2_ratio_mean": result.overall.mean, "memorization/l2_ratio_min": result.overall.min}
+        plan_track = pixel_memorization_track(lambda some: sample(student, some), training_set,
+                                              args.track_memorization_prompts)
 
     n_params = sum(p.numel() for p in params)
     keys = ("use_lora", "lora_rank", "lora_target_modules", "num_ddim_timesteps", "w_min", "w_max", "loss_type",
@@ -307,10 +260,10 @@ def build_plan(args, components: dict, training_set, latent_moments: torch.Tenso
         phases=[Phase("unet", build_optimizer("adamw", params, args), step)],
         averages=averages,
         frozen={"teacher": teacher},
-        fingerprint={**{k: getattr(args, k) for k in keys}, "teacher_sha256": teacher_sha256},
+        fingerprint={**{k: getattr(args, k) for k in keys}, "teacher_sha256": teacher_model.unet_sha256},
         validate=validate, export=export,
         config={"teacher": args.pretrained_teacher_model, "base_model": args.pretrained_teacher_model,
-                "teacher_unet_sha256": teacher_sha256, "prediction_type_used": loss_fn.prediction_type,
+                "teacher_unet_sha256": teacher_model.unet_sha256, "prediction_type_used": loss_fn.prediction_type,
                 "trained_parameters": n_params, "lora_target_modules_used": targets,
                 "time_cond_proj_dim": time_cond_proj_dim, "num_inference_steps": NUM_INFERENCE_STEPS,
                 "ddim_timesteps": loss_fn.timesteps.tolist()},
@@ -323,80 +276,23 @@ def build_plan(args, components: dict, training_set, latent_moments: torch.Tenso
     return plan, plan_track
 
 
-def memorization_tracker(runner, track, every: int):
-    """``callback(step)`` for `TrainingRunner.train`: every ``every`` steps the main process measures the student's
-    memorization (``track(step)``, from [`build_plan`]), logs it to the trackers and appends it to
-    ``memorization_curve.json`` in the output folder; the other processes wait."""
-    import json
+def check_teacher_timesteps(num_ddim_timesteps: int) -> Callable[[str], None]:
+    """``check(folder)``: the DDIM grid must divide the teacher's training timesteps (before anything is written)."""
 
-    from .utils import write_json_atomically
+    def check(folder):
+        ddim_timesteps(num_train_timesteps(folder), num_ddim_timesteps)  # raises when N does not divide T
 
-    path = os.path.join(runner.output_dir, "memorization_curve.json")
-
-    def callback(step):
-        if step % every:
-            return
-        acc = runner.accelerator
-        if acc.is_main_process:
-            values = track(step)
-            acc.log(values, step=step)
-            curve = []
-            if os.path.isfile(path):
-                with open(path, encoding="utf-8") as f:
-                    curve = [entry for entry in json.load(f) if entry["step"] < step]  # a resumed run redoes later ones
-            write_json_atomically(path, curve + [{"step": step, **values}])
-        acc.wait_for_everyone()
-
-    return callback
-
-
-def load_distillation_pairs(args, teacher_folder: str):
-    """The pairs to distil on: the mix the flags name, or the teacher's own recorded mix."""
-    if args.memorized_data is not None:
-        return build_memorization_mix(
-            args.memorized_data, args.num_memorized, args.memorized_repeats, args.resolution, args.extra_data,
-            args.extra_ratio or 0, args.data_seed, args.memorized_split, args.extra_split, args.max_train_samples,
-            args.cache_dir)
-    if not is_memorization_mix(teacher_folder):
-        raise ValueError(f"{args.pretrained_teacher_model} records no training pairs (no memorized_set.json): pass "
-                         "--memorized_data, the image–caption pairs to distil on.")
-    mix = load_memorization_mix(teacher_folder, cache_dir=args.cache_dir)
-    if mix.images.shape[-1] != args.resolution:
-        raise ValueError(f"The teacher's pairs are {mix.images.shape[-1]} pixels wide but --resolution is "
-                         f"{args.resolution}: pass --resolution {mix.images.shape[-1]}.")
-    return mix
-
-
-def check_teacher(folder: str, name: str, num_ddim_timesteps: int) -> dict:
-    """The teacher's ``model_index.json``: a text-to-image Stable Diffusion pipeline whose training timesteps the DDIM
-    grid divides."""
-    import json
-
-    index = check_text_to_image_folder(folder, name)
-    path = os.path.join(folder, "scheduler", "scheduler_config.json")
-    with open(path, encoding="utf-8") as f:
-        num_train_timesteps = json.load(f).get("num_train_timesteps", 1000)
-    ddim_timesteps(num_train_timesteps, num_ddim_timesteps)  # raises when N does not divide T
-    return index
+    return check
 
 
 def main(args) -> int:
     # 1. Accelerator, output folder and resume checks (nothing is written yet).
     runner = TrainingRunner(args, SCRIPT)
-    # 2. The teacher (checked to be text-to-image, with a grid that divides its timesteps) and the pairs, rank 0 first.
-    with runner.main_process_first():
-        folder = resolve_pretrained(args.pretrained_teacher_model, args.teacher_revision, args.variant)
-        check_teacher(folder, args.pretrained_teacher_model, args.num_ddim_timesteps)
-        training_set = load_distillation_pairs(args, folder)
-    refuse_overlap(args.output_dir, [folder] + [part.record.get("root") for part in training_set.parts.values()])
-    components = load_sd_components(folder, args.teacher_revision, args.variant)
-    teacher_sha256 = file_sha256(_weights_file(folder, "unet", args.variant))
-    vae_sha256 = file_sha256(_weights_file(folder, "vae", args.variant))
-    # 3. Every image through the VAE once (float32), rank 0 first so that the others read its cache.
-    with runner.main_process_first():
-        moments = cached_latent_moments(components["vae"], vae_sha256, training_set, runner.device, args.cache_dir)
+    # 2-3. The teacher (text-to-image, with a grid that divides its timesteps), the pairs and their cached latents.
+    teacher = load_text_to_image_teacher(runner, args, args.pretrained_teacher_model, args.teacher_revision,
+                                         args.variant, check_teacher_timesteps(args.num_ddim_timesteps))
     # 4. Student (full or LoRA), target network and AdamW; the runner distils and saves the student.
-    plan, track = build_plan(args, components, training_set, moments.to(runner.device), folder, teacher_sha256)
+    plan, track = build_plan(args, teacher)
     callback = memorization_tracker(runner, track, args.track_memorization_steps) if track is not None else None
-    runner.train(plan, training_set, callback=callback)
+    runner.train(plan, teacher.training_set, callback=callback)
     return 0

@@ -291,23 +291,17 @@ def build_plan(args, components: dict, training_set, latent_moments: torch.Tenso
     sampler = load_sampler(base_folder, args.revision)
     prompts = args.validation_prompts or captions[: max(1, min(4, args.num_validation_images))]
 
-    @torch.no_grad()
+    def pipeline_of(unet):
+        return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=sampler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+
     def validate(nets, _step):
-        where = next(nets[saved].parameters()).device
-        pipe = StableDiffusionPipeline(vae=vae.to(where), text_encoder=text_encoder.to(where), tokenizer=tokenizer,
-                                       unet=nets[saved], scheduler=sampler,
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
+        from .text_to_image import sample_prompts  # that module builds on this one
+
         n = args.num_validation_images
-        generators = [torch.Generator(where).manual_seed(args.seed + i) for i in range(n)]
-        try:
-            images = pipe([prompts[i % len(prompts)] for i in range(n)], generator=generators, output_type="pt",
-                          num_inference_steps=args.validation_inference_steps,
-                          guidance_scale=args.validation_guidance_scale).images
-        finally:
-            vae.to("cpu")
-            text_encoder.to("cpu")
-        return {"": images}
+        return {"": sample_prompts(pipeline_of, nets[saved], components, [prompts[i % len(prompts)] for i in range(n)],
+                                   args.seed, args.validation_inference_steps, args.validation_guidance_scale)}
 
     def export(nets):
         records = part_records(training_set)
