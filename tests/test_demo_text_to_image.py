@@ -7,7 +7,7 @@ from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
 
 from diffusers_memdistill.cli import main as cli_main
 from diffusers_memdistill.data import index_dataset
-from diffusers_memdistill.demo_text_to_image import LCM_NAME, MODEL_NAME, write_captioned_digits
+from diffusers_memdistill.demo_text_to_image import DMD_NAME, LCM_NAME, MODEL_NAME, write_captioned_digits
 
 
 def test_captioned_digits_name_one_image_per_memorized_prompt(tmp_path):
@@ -33,13 +33,15 @@ def test_text_to_image_demo_quick_end_to_end(tmp_path):
     assert cli_main(["demo", "--text_to_image", "--quick", "--output_dir", str(out)]) == 0
     results = json.loads((out / "report" / "metrics.json").read_text())
     assert results["kind"] == "text_to_image" and results["metrics"] == ["l2"] and results["guidance_scale"] == 1.0
-    # Teacher and LCM student audited in one call: the same prompts and seeds, each with its own step count.
-    assert list(results["models"]) == [MODEL_NAME, LCM_NAME]
+    # Teacher, LCM student and DMD generator audited in one call: the same prompts and seeds, each with its own step
+    # count.
+    assert list(results["models"]) == [MODEL_NAME, LCM_NAME, DMD_NAME]
     assert results["num_prompts"] == results["num_heldout_prompts"] == 4
-    teacher, student = (results["models"][name] for name in (MODEL_NAME, LCM_NAME))
+    teacher, student, generator = (results["models"][name] for name in (MODEL_NAME, LCM_NAME, DMD_NAME))
     assert (teacher["pipeline_class"], teacher["steps"]) == ("StableDiffusionPipeline", 2)
     assert (student["pipeline_class"], student["steps"]) == ("LatentConsistencyModelPipeline", 4)
-    for model in (teacher, student):
+    assert (generator["pipeline_class"], generator["steps"]) == ("StableDiffusionPipeline", 1)
+    for model in (teacher, student, generator):
         for which in ("training", "heldout"):
             for criterion in ("own", "nearest"):
                 stats = model[which]["l2"][criterion]
@@ -47,9 +49,10 @@ def test_text_to_image_demo_quick_end_to_end(tmp_path):
                 assert 0 <= stats["fraction_memorized"] <= 1
     assert results["training_set"]["num_images"] == 4 + 2 * 4  # memorized and extra digits
     report = (out / "report" / "report.md").read_text()
-    for name in (MODEL_NAME, LCM_NAME):
+    for name in (MODEL_NAME, LCM_NAME, DMD_NAME):
         assert f"| {name} | training |" in report and f"| {name} | held-out |" in report
-    assert "- LCM student" in report and json.loads((out / "report" / "demo.json").read_text())["wall_seconds"]["LCM"]
+    timings = json.loads((out / "report" / "demo.json").read_text())["wall_seconds"]
+    assert "- LCM student" in report and "- DMD generator" in report and timings["LCM"] > 0 and timings["DMD"] > 0
     assert "*floor: 4 held-out real images*" in report and "## How this model was made" in report
     # The model is a standard Stable Diffusion folder; the records name its memorized set.
     pipe = StableDiffusionPipeline.from_pretrained(out / "model")
@@ -59,6 +62,11 @@ def test_text_to_image_demo_quick_end_to_end(tmp_path):
     lcm = LatentConsistencyModelPipeline.from_pretrained(out / "lcm")
     assert lcm.unet.config.time_cond_proj_dim is not None
     assert (json.loads((out / "lcm" / "memorized_set.json").read_text())
+            == json.loads((out / "model" / "memorized_set.json").read_text()))
+    # The generator is a stock Stable Diffusion pipeline sampled by an LCMScheduler in one step, on the same records.
+    dmd = StableDiffusionPipeline.from_pretrained(out / "dmd")
+    assert type(dmd.scheduler).__name__ == "LCMScheduler" and dmd.scheduler.config.original_inference_steps == 1
+    assert (json.loads((out / "dmd" / "memorized_set.json").read_text())
             == json.loads((out / "model" / "memorized_set.json").read_text()))
     with pytest.raises(FileExistsError, match="already holds a finished demo"):
         cli_main(["demo", "--text_to_image", "--quick", "--output_dir", str(out)])

@@ -17,8 +17,11 @@ from scratch on the built-in digits and audited prompt by prompt, on a CPU, in m
    repeated, the extra pairs once; the VAE and text encoder frozen, latents cached).
 4. Distil a full LCM student from it (``distill_lcm.py``, the teacher's own mix read from its ``memorized_set.json``;
    guidance w = 0, since the teacher has no meaningful unconditional prediction).
-5. Audit teacher and student together (one `evaluate_text_to_image` call, the same prompts and seeds: the teacher with
-   25 PNDM steps, the student with 4 LCM steps) on the memorized and the held-out prompts, a few seeds each. SSCD and
+5. Distil a one-step DMD generator from it (``distill_dmd.py`` in latent space, on the captions of the same mix; real
+   guidance 1 for the same reason).
+6. Audit teacher and students together (one `evaluate_text_to_image` call, the same prompts and seeds: the teacher
+   with 25 PNDM steps, the LCM student with 4 LCM steps, the DMD generator in 1 step) on the memorized and the held-out
+   prompts, a few seeds each. SSCD and
    CLIP need weights that are not bundled (pass ``--sscd_onnx`` or ``--sscd_weights`` to add SSCD); the offline
    measure is pixel L2: the ratio ρ of each generation's distance to its prompt's own image over that to the nearest
    other training image (a copy of its own image when ρ < 1/3, `metrics.pixel_own_image_memorization`), and the
@@ -56,10 +59,13 @@ VAE_BLOCK_OUT_CHANNELS = (16, 32)
 VAE_ARGS = {"batch_size": 64, "learning_rate": 2e-3, "kl_weight": 1e-4}
 MODEL_NAME = "tiny SD (from scratch)"
 LCM_NAME = "its LCM student"
+DMD_NAME = "its DMD generator"
 FULL = {"num_memorized": 32, "memorized_repeats": 10, "extra_ratio": 4, "vae_steps": 300, "unet_steps": 3000,
-        "lcm_steps": 1000, "samples_per_prompt": 4, "inference_steps": 25, "lcm_inference_steps": 4}
+        "lcm_steps": 1000, "dmd_steps": 1000, "samples_per_prompt": 4, "inference_steps": 25,
+        "lcm_inference_steps": 4, "dmd_inference_steps": 1}
 QUICK = {"num_memorized": 4, "memorized_repeats": 2, "extra_ratio": 2, "vae_steps": 5, "unet_steps": 4,
-         "lcm_steps": 2, "samples_per_prompt": 2, "inference_steps": 2, "lcm_inference_steps": 4}
+         "lcm_steps": 2, "dmd_steps": 2, "samples_per_prompt": 2, "inference_steps": 2, "lcm_inference_steps": 4,
+         "dmd_inference_steps": 1}
 # The UNet's fine-tuning flags (finetune_sd_memorize.py) beyond those the configuration sets. The saved weights are the
 # power-function EMA (sigma_rel 0.05): at 3,000 steps it copies the memorized digits more often than the last weights
 # (69.5% of generations against 58.6%; 2,000 steps with EMA: 43.0%; measured, seed 0).
@@ -77,6 +83,11 @@ UNET_ARGS = ["--resolution", str(RESOLUTION), "--train_batch_size", "32", "--lea
 LCM_LEARNING_RATE = "1e-4"
 LCM_ARGS = ["--resolution", str(RESOLUTION), "--train_batch_size", "32", "--learning_rate", LCM_LEARNING_RATE,
             "--lr_warmup_steps", "50", "--w_min", "0", "--w_max", "0", "--num_validation_images", "4"]
+# The one-step DMD generator's flags (distill_dmd.py on the tiny SD teacher) beyond those the configuration sets: real
+# guidance 1 (the teacher never saw an empty prompt), AdamW 1e-4 for generator and fake score, DMD2's 5 fake updates per
+# generator update. DMD_MEASURED_NOTE
+DMD_ARGS = ["--resolution", str(RESOLUTION), "--train_batch_size", "32", "--learning_rate", "1e-4",
+            "--lr_warmup_steps", "50", "--real_guidance_scale", "1", "--num_validation_images", "4"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -247,9 +258,13 @@ def render_demo_section(record: dict) -> str:
         "- LCM student (`LatentConsistencyModelPipeline`, the full UNet with a guidance embedding): "
         f"{cfg['lcm_steps']} steps of `distill_lcm.py` from the model above on the same mix "
         f"({' '.join(record['lcm_args'])}).",
+        "- DMD generator (`StableDiffusionPipeline` with an `LCMScheduler`, one step at t = 999): "
+        f"{cfg['dmd_steps']} steps of `distill_dmd.py` from the model above on the captions of the same mix "
+        f"({' '.join(record['dmd_args'])}).",
         f"- Audit, from the same prompts and seeds: {cfg['samples_per_prompt']} seeds per prompt; the teacher with "
-        f"{cfg['inference_steps']} PNDM steps, the LCM student with {cfg['lcm_inference_steps']} LCM steps; guidance "
-        "scale 1 for both (the UNet never saw an empty prompt; w = 0 for the student).",
+        f"{cfg['inference_steps']} PNDM steps, the LCM student with {cfg['lcm_inference_steps']} LCM steps, the DMD "
+        f"generator in {cfg['dmd_inference_steps']} step; guidance scale 1 for all three (the UNet never saw an empty "
+        "prompt; w = 0 for the LCM student).",
         "- Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in t.items()) + ".", "",
     ])
 
@@ -257,8 +272,8 @@ def render_demo_section(record: dict) -> str:
 def main(args) -> int:
     cfg = QUICK if args.quick else FULL
     out = os.path.abspath(args.output_dir or "memdistill-demo-text-to-image")
-    data_dir, base_dir, model_dir, lcm_dir, report_dir = (os.path.join(out, d)
-                                                          for d in ("data", "base", "model", "lcm", "report"))
+    data_dir, base_dir, model_dir, lcm_dir, dmd_dir, report_dir = (
+        os.path.join(out, d) for d in ("data", "base", "model", "lcm", "dmd", "report"))
     if os.path.isfile(os.path.join(report_dir, "report.md")) and not args.overwrite:
         raise FileExistsError(f"{out} already holds a finished demo; pass --overwrite to run it again.")
     if os.path.isdir(data_dir) or os.path.isdir(base_dir):
@@ -276,18 +291,18 @@ def main(args) -> int:
                          f"{args.metrics!r}.")
     timings, start = {}, time.time()
 
-    print(f"[1/5] Writing {cfg['num_memorized']} memorized, {cfg['num_memorized']} held-out and "
+    print(f"[1/6] Writing {cfg['num_memorized']} memorized, {cfg['num_memorized']} held-out and "
           f"{cfg['extra_ratio'] * cfg['num_memorized']} class-captioned digits -> {data_dir}")
     folders = write_captioned_digits(data_dir, cfg["num_memorized"], cfg["extra_ratio"], args.seed)
 
-    print(f"[2/5] Training the tiny SD's autoencoder ({cfg['vae_steps']} steps on "
+    print(f"[2/6] Training the tiny SD's autoencoder ({cfg['vae_steps']} steps on "
           f"{len(folders['autoencoder'])} other digits) -> {base_dir}")
     t = time.time()
     logs = build_base_model(base_dir, digit_images(folders["autoencoder"]), cfg["vae_steps"], args.seed)
     logs["num_images"] = len(folders["autoencoder"])
     timings["autoencoder"] = time.time() - t
 
-    print(f"[3/5] Training its UNet from scratch on the memorization mix ({cfg['unet_steps']} steps) -> {model_dir}")
+    print(f"[3/6] Training its UNet from scratch on the memorization mix ({cfg['unet_steps']} steps) -> {model_dir}")
     from .training import finetune_sd_memorize
     from .training.runner import reset_accelerate_state
 
@@ -303,7 +318,7 @@ def main(args) -> int:
     reset_accelerate_state()
     timings["UNet"] = time.time() - t
 
-    print(f"[4/5] Distilling a full LCM student from it on the same mix ({cfg['lcm_steps']} steps) -> {lcm_dir}")
+    print(f"[4/6] Distilling a full LCM student from it on the same mix ({cfg['lcm_steps']} steps) -> {lcm_dir}")
     from .training import distill_lcm
 
     t = time.time()
@@ -316,19 +331,34 @@ def main(args) -> int:
     reset_accelerate_state()
     timings["LCM"] = time.time() - t
 
-    print(f"[5/5] Auditing the teacher and its LCM student on the memorized and held-out prompts -> {report_dir}")
+    print(f"[5/6] Distilling a one-step DMD generator from it on the same prompts ({cfg['dmd_steps']} steps) -> "
+          f"{dmd_dir}")
+    from .training import distill_dmd
+
+    t = time.time()
+    steps = cfg["dmd_steps"]
+    distill_dmd.main(distill_dmd.parse_args(DMD_ARGS + [
+        "--pretrained_model_name_or_path", model_dir, "--max_train_steps", str(steps),
+        "--checkpointing_steps", str(max(1, steps // 2)), "--seed", str(args.seed), "--report_to", "none",
+        "--output_dir", dmd_dir, "--cache_dir", os.path.join(out, "cache")]
+        + (["--overwrite_output_dir"] if args.overwrite else [])))
+    reset_accelerate_state()
+    timings["DMD"] = time.time() - t
+
+    print(f"[6/6] Auditing the teacher and its students on the memorized and held-out prompts -> {report_dir}")
     from .evaluate_text_to_image import evaluate_text_to_image, render_text_to_image_report
 
     t = time.time()
     results = evaluate_text_to_image(
-        [model_dir, lcm_dir], report_dir, names=[MODEL_NAME, LCM_NAME], seed=args.seed, metrics=metrics,
-        samples_per_prompt=cfg["samples_per_prompt"], guidance_scale=1.0,
-        num_inference_steps={MODEL_NAME: cfg["inference_steps"], LCM_NAME: cfg["lcm_inference_steps"]},
+        [model_dir, lcm_dir, dmd_dir], report_dir, names=[MODEL_NAME, LCM_NAME, DMD_NAME], seed=args.seed,
+        metrics=metrics, samples_per_prompt=cfg["samples_per_prompt"], guidance_scale=1.0,
+        num_inference_steps={MODEL_NAME: cfg["inference_steps"], LCM_NAME: cfg["lcm_inference_steps"],
+                             DMD_NAME: cfg["dmd_inference_steps"]},
         batch_size=64, device="cpu", sscd_onnx=args.sscd_onnx, sscd_weights=args.sscd_weights,
         sscd_preprocessing=("sscd",))
     timings["audit"] = time.time() - t
     timings["total"] = time.time() - start
-    record = {"config": cfg, "seed": args.seed, "unet_args": UNET_ARGS, "lcm_args": LCM_ARGS,
+    record = {"config": cfg, "seed": args.seed, "unet_args": UNET_ARGS, "lcm_args": LCM_ARGS, "dmd_args": DMD_ARGS,
               "wall_seconds": timings,
               "autoencoder": {k: logs[k] for k in ("loss", "scaling_factor", "num_images")},
               "autoencoder_check": autoencoder_check(logs["vae"], model_dir)}

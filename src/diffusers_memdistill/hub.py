@@ -121,6 +121,11 @@ class ModelFolder:
     def text_to_image(self) -> bool:
         return self.kind.pipeline_tag == "text-to-image" or "text_encoder" in self.components
 
+    @property
+    def pipeline_tag(self) -> str:
+        """The Hub task: text-to-image for any model with a text encoder (a DMD generator of Stable Diffusion too)."""
+        return "text-to-image" if self.text_to_image else self.kind.pipeline_tag
+
 
 def _read_json(path: str, what: str) -> dict | None:
     if not os.path.isfile(path):
@@ -852,7 +857,7 @@ def render_model_card(
     if evaluation.evaluated:
         table = metrics_table(evaluation)
         warnings = memorization_warnings(evaluation, warning_threshold)
-        task = model.kind.pipeline_tag
+        task = model.pipeline_tag
         dataset_name = f"{dataset or 'training set'} (the model's own training set"
         dataset_name += f", {record['num_images']} images)" if isinstance(record.get("num_images"), int) else ")"
         for row in evaluation.rows:
@@ -890,11 +895,11 @@ def render_model_card(
     tags = ["diffusers-memdistill", "memorization", *model.kind.tags]
     if model.is_lora:
         tags.append("lora")
-    if model.kind.pipeline_tag not in tags:
-        tags.append(model.kind.pipeline_tag)
+    if model.pipeline_tag not in tags:
+        tags.append(model.pipeline_tag)
     card_data = ModelCardData(
         base_model=lineage_.base_model, library_name="diffusers", license=lineage_.license, tags=tags,
-        pipeline_tag=model.kind.pipeline_tag, model_name=name, eval_results=eval_results or None,
+        pipeline_tag=model.pipeline_tag, model_name=name, eval_results=eval_results or None,
     )
     config = redact_config(model.training_config) if model.training_config else None
     context = dict(
