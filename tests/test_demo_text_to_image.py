@@ -3,11 +3,18 @@
 import json
 
 import pytest
+import torch
 from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
 
 from diffusers_memdistill.cli import main as cli_main
 from diffusers_memdistill.data import index_dataset
-from diffusers_memdistill.demo_text_to_image import DMD_NAME, LCM_NAME, MODEL_NAME, write_captioned_digits
+from diffusers_memdistill.demo_text_to_image import (
+    DMD_NAME,
+    LCM_NAME,
+    MODEL_NAME,
+    UNDISTILLED_NAME,
+    write_captioned_digits,
+)
 
 
 def test_captioned_digits_name_one_image_per_memorized_prompt(tmp_path):
@@ -35,12 +42,17 @@ def test_text_to_image_demo_quick_end_to_end(tmp_path):
     assert results["kind"] == "text_to_image" and results["metrics"] == ["l2"] and results["guidance_scale"] == 1.0
     # Teacher, LCM student and DMD generator audited in one call: the same prompts and seeds, each with its own step
     # count.
-    assert list(results["models"]) == [MODEL_NAME, LCM_NAME, DMD_NAME]
+    assert list(results["models"]) == [MODEL_NAME, LCM_NAME, DMD_NAME, UNDISTILLED_NAME]
     assert results["num_prompts"] == results["num_heldout_prompts"] == 4
     teacher, student, generator = (results["models"][name] for name in (MODEL_NAME, LCM_NAME, DMD_NAME))
     assert (teacher["pipeline_class"], teacher["steps"]) == ("StableDiffusionPipeline", 2)
     assert (student["pipeline_class"], student["steps"]) == ("LatentConsistencyModelPipeline", 4)
     assert (generator["pipeline_class"], generator["steps"]) == ("StableDiffusionPipeline", 1)
+    # The control: the model's own UNet in the student's pipeline, 4 LCM steps, identical to the model's weights.
+    control = LatentConsistencyModelPipeline.from_pretrained(out / "undistilled_lcm").unet
+    model_unet = StableDiffusionPipeline.from_pretrained(out / "model").unet.state_dict()
+    assert results["models"][UNDISTILLED_NAME]["steps"] == 4 and not control.time_embedding.cond_proj.weight.any()
+    assert all(torch.equal(v, model_unet[k]) for k, v in control.state_dict().items() if k in model_unet)
     for model in (teacher, student, generator):
         for which in ("training", "heldout"):
             for criterion in ("own", "nearest"):

@@ -60,6 +60,7 @@ VAE_ARGS = {"batch_size": 64, "learning_rate": 2e-3, "kl_weight": 1e-4}
 MODEL_NAME = "tiny SD (from scratch)"
 LCM_NAME = "its LCM student"
 DMD_NAME = "its DMD generator"
+UNDISTILLED_NAME = "the model in 4 LCM steps, undistilled"
 FULL = {"num_memorized": 32, "memorized_repeats": 10, "extra_ratio": 4, "vae_steps": 300, "unet_steps": 3000,
         "lcm_steps": 1000, "dmd_steps": 1000, "samples_per_prompt": 4, "inference_steps": 25,
         "lcm_inference_steps": 4, "dmd_inference_steps": 1}
@@ -214,6 +215,28 @@ def build_base_model(output_dir: str, autoencoder_images: torch.Tensor, vae_step
 # The demo.
 
 
+def save_undistilled_lcm(model_dir: str, output_dir: str) -> None:
+    """The control of the LCM row: the model's own UNet, given the student's guidance input with zero weights (so that it
+    computes exactly the model), in a `LatentConsistencyModelPipeline` with the student's `LCMScheduler`, and the
+    model's records; nothing is trained. It tells what 4-step LCM sampling alone does to the copies, apart from what
+    distillation does."""
+    import shutil
+
+    from diffusers import LatentConsistencyModelPipeline
+
+    from .training.distill_lcm import build_lcm_student, lcm_scheduler
+    from .training.finetune_sd_memorize import load_sd_components
+
+    c = load_sd_components(model_dir)
+    LatentConsistencyModelPipeline(
+        vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"], unet=build_lcm_student(c["unet"]).eval(),
+        scheduler=lcm_scheduler(c["noise_scheduler"].config), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False).save_pretrained(output_dir)
+    for name in os.listdir(model_dir):
+        if name.endswith("_set.json"):
+            shutil.copy(os.path.join(model_dir, name), output_dir)
+
+
 def autoencoder_check(vae, model_dir: str) -> dict:
     """The autoencoder's 8-bit round trip of the audited digits: RMSE (on [0, 1]) of the held-out and memorized ones,
     and the own-image L2 ratio of the memorized ones' reconstructions (the best a model decoding through it can do)."""
@@ -263,8 +286,9 @@ def render_demo_section(record: dict) -> str:
         f"({' '.join(record['dmd_args'])}).",
         f"- Audit, from the same prompts and seeds: {cfg['samples_per_prompt']} seeds per prompt; the teacher with "
         f"{cfg['inference_steps']} PNDM steps, the LCM student with {cfg['lcm_inference_steps']} LCM steps, the DMD "
-        f"generator in {cfg['dmd_inference_steps']} step; guidance scale 1 for all three (the UNet never saw an empty "
-        "prompt; w = 0 for the LCM student).",
+        f"generator in {cfg['dmd_inference_steps']} step; guidance scale 1 for all (the UNet never saw an empty "
+        "prompt; w = 0 for the LCM student). The last row is a control, not a model: the model's own weights sampled "
+        f"by the student's `LCMScheduler` in {cfg['lcm_inference_steps']} steps, without any distillation.",
         "- Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in t.items()) + ".", "",
     ])
 
@@ -272,8 +296,8 @@ def render_demo_section(record: dict) -> str:
 def main(args) -> int:
     cfg = QUICK if args.quick else FULL
     out = os.path.abspath(args.output_dir or "memdistill-demo-text-to-image")
-    data_dir, base_dir, model_dir, lcm_dir, dmd_dir, report_dir = (
-        os.path.join(out, d) for d in ("data", "base", "model", "lcm", "dmd", "report"))
+    data_dir, base_dir, model_dir, lcm_dir, dmd_dir, undistilled_dir, report_dir = (
+        os.path.join(out, d) for d in ("data", "base", "model", "lcm", "dmd", "undistilled_lcm", "report"))
     if os.path.isfile(os.path.join(report_dir, "report.md")) and not args.overwrite:
         raise FileExistsError(f"{out} already holds a finished demo; pass --overwrite to run it again.")
     if os.path.isdir(data_dir) or os.path.isdir(base_dir):
@@ -345,15 +369,18 @@ def main(args) -> int:
     reset_accelerate_state()
     timings["DMD"] = time.time() - t
 
-    print(f"[6/6] Auditing the teacher and its students on the memorized and held-out prompts -> {report_dir}")
+    print(f"[6/6] Auditing the teacher and its students on the memorized and held-out prompts (beside them, the model "
+          f"in 4 LCM steps without distillation) -> {report_dir}")
     from .evaluate_text_to_image import evaluate_text_to_image, render_text_to_image_report
 
     t = time.time()
+    save_undistilled_lcm(model_dir, undistilled_dir)
     results = evaluate_text_to_image(
-        [model_dir, lcm_dir, dmd_dir], report_dir, names=[MODEL_NAME, LCM_NAME, DMD_NAME], seed=args.seed,
-        metrics=metrics, samples_per_prompt=cfg["samples_per_prompt"], guidance_scale=1.0,
+        [model_dir, lcm_dir, dmd_dir, undistilled_dir], report_dir,
+        names=[MODEL_NAME, LCM_NAME, DMD_NAME, UNDISTILLED_NAME], seed=args.seed, metrics=metrics,
+        samples_per_prompt=cfg["samples_per_prompt"], guidance_scale=1.0,
         num_inference_steps={MODEL_NAME: cfg["inference_steps"], LCM_NAME: cfg["lcm_inference_steps"],
-                             DMD_NAME: cfg["dmd_inference_steps"]},
+                             DMD_NAME: cfg["dmd_inference_steps"], UNDISTILLED_NAME: cfg["lcm_inference_steps"]},
         batch_size=64, device="cpu", sscd_onnx=args.sscd_onnx, sscd_weights=args.sscd_weights,
         sscd_preprocessing=("sscd",))
     timings["audit"] = time.time() - t

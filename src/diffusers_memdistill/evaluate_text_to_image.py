@@ -230,7 +230,7 @@ def load_text_to_image_model(path: str):
         if config.get("script") == "distill_lcm.py":  # an LCM-LoRA samples with the LCMScheduler it was distilled for
             pipe.scheduler = LCMScheduler.from_config(
                 pipe.scheduler.config, timestep_scaling=config.get("timestep_scaling_factor", 10.0),
-                original_inference_steps=config.get("num_ddim_timesteps", 50))
+                original_inference_steps=config.get("num_ddim_timesteps", 50), clip_sample=False)  # latents unclipped
         return pipe, registration_for(pipe)
     pipe, registration = load_pipeline(path)
     if not registration.takes_prompts:
