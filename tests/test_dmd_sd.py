@@ -130,7 +130,8 @@ def _dmd_args(data, out, *extra):
 def test_generators_reload_in_the_stock_pipeline_and_sit_beside_the_lcm_students_in_one_audit(data, tmp_path):  # noqa: F811
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from diffusers_memdistill.evaluate_text_to_image import evaluate_text_to_image, load_text_to_image_model
+    from diffusers_memdistill.cli import main as cli_main
+    from diffusers_memdistill.evaluate_text_to_image import load_text_to_image_model
     from diffusers_memdistill.training.runner import load_checkpoint_weights
 
     one, four = tmp_path / "dmd1", tmp_path / "dmd4"
@@ -168,23 +169,25 @@ print("timesteps", pipe.scheduler.timesteps.tolist())
         assert f"timesteps {expected}" in run_without_package(code, tmp_path).stdout
         pipe, registration = load_text_to_image_model(str(folder))
         assert registration.steps(pipe) == steps
-    # LCM students of the same teacher, full and LoRA, then all five in one audit from the same prompts and seeds.
+    # LCM students of the same teacher, full and LoRA, then all five in one `memdistill evaluate` report from the same
+    # prompts and seeds, each with its own default step count.
     lcm = ["--pretrained_teacher_model", data["teacher"], "--resolution", 16, "--train_batch_size", 2,
            "--max_train_steps", 2, "--checkpointing_steps", 2, "--report_to", "none", "--cache_dir", data["cache"],
            "--num_validation_images", 0, "--w_min", 0, "--w_max", 0]
     run_script("distill_lcm", lcm + ["--output_dir", tmp_path / "lcm"])
     run_script("distill_lcm", lcm + ["--output_dir", tmp_path / "lcm_lora", "--use_lora", "--lora_rank", 2])
-    names = ["teacher", "LCM", "LCM-LoRA", "DMD 1-step", "DMD 4-step"]
-    results = evaluate_text_to_image(
-        [data["teacher"], tmp_path / "lcm", tmp_path / "lcm_lora", one, four], str(tmp_path / "audit"), names=names,
-        metrics=("l2",), samples_per_prompt=2, guidance_scale=1.0, num_inference_steps={"teacher": 2},
-        device="cpu")
-    assert list(results["models"]) == names
+    models = {"teacher": data["teacher"], "lcm": tmp_path / "lcm", "lcm_lora": tmp_path / "lcm_lora", "dmd1": one,
+              "dmd4": four}
+    flags = [a for path in models.values() for a in ("--model", str(path))]
+    assert cli_main(["evaluate", *flags, "--metrics", "l2", "--samples_per_prompt", "2", "--guidance_scale", "1",
+                     "--device", "cpu", "--output_dir", str(tmp_path / "audit")]) == 0
+    results = json.loads((tmp_path / "audit" / "metrics.json").read_text())
+    assert list(results["models"]) == ["teacher", "lcm", "lcm_lora", "dmd1", "dmd4"]
     steps = {r["name"]: r["steps"] for r in json.loads((tmp_path / "audit" / "samples" / "prompts.json").read_text())
              ["runs"]}
-    assert steps == {"teacher": 2, "LCM": 4, "LCM-LoRA": 4, "DMD 1-step": 1, "DMD 4-step": 4}
+    assert steps == {"teacher": 50, "lcm": 4, "lcm_lora": 4, "dmd1": 1, "dmd4": 4}
     report = (tmp_path / "audit" / "report.md").read_text()
-    assert all(f"| {name} | training |" in report and f"| {name} | held-out |" in report for name in names), report
+    assert all(f"| {name} | training |" in report and f"| {name} | held-out |" in report for name in models), report
 
 
 @pytest.mark.slow

@@ -226,12 +226,11 @@ def save_undistilled_lcm(model_dir: str, output_dir: str) -> None:
 
     from .training.distill_lcm import build_lcm_student, lcm_scheduler
     from .training.finetune_sd_memorize import load_sd_components
+    from .training.text_to_image import text_to_image_pipeline
 
     c = load_sd_components(model_dir)
-    LatentConsistencyModelPipeline(
-        vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"], unet=build_lcm_student(c["unet"]).eval(),
-        scheduler=lcm_scheduler(c["noise_scheduler"].config), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False).save_pretrained(output_dir)
+    text_to_image_pipeline(LatentConsistencyModelPipeline, c, build_lcm_student(c["unet"]).eval(),
+                           lcm_scheduler(c["noise_scheduler"].config)).save_pretrained(output_dir)
     for name in os.listdir(model_dir):
         if name.endswith("_set.json"):
             shutil.copy(os.path.join(model_dir, name), output_dir)
@@ -326,48 +325,28 @@ def main(args) -> int:
     logs["num_images"] = len(folders["autoencoder"])
     timings["autoencoder"] = time.time() - t
 
-    print(f"[3/6] Training its UNet from scratch on the memorization mix ({cfg['unet_steps']} steps) -> {model_dir}")
-    from .training import finetune_sd_memorize
+    from .training import distill_dmd, distill_lcm, finetune_sd_memorize
     from .training.runner import reset_accelerate_state
 
-    t = time.time()
-    steps = cfg["unet_steps"]
-    finetune_sd_memorize.main(finetune_sd_memorize.parse_args(UNET_ARGS + [
+    def run(script, flags: list, steps: int, output_dir: str, timing: str) -> None:
+        t = time.time()
+        script.main(script.parse_args(flags + [
+            "--max_train_steps", str(steps), "--checkpointing_steps", str(max(1, steps // 2)), "--seed", str(args.seed),
+            "--report_to", "none", "--output_dir", output_dir, "--cache_dir", os.path.join(out, "cache")]
+            + (["--overwrite_output_dir"] if args.overwrite else [])))
+        reset_accelerate_state()
+        timings[timing] = time.time() - t
+
+    print(f"[3/6] Training its UNet from scratch on the memorization mix ({cfg['unet_steps']} steps) -> {model_dir}")
+    run(finetune_sd_memorize, UNET_ARGS + [
         "--pretrained_model_name_or_path", base_dir, "--memorized_data", folders["memorized"],
         "--num_memorized", str(cfg["num_memorized"]), "--memorized_repeats", str(cfg["memorized_repeats"]),
-        "--extra_data", folders["extra"], "--extra_ratio", str(cfg["extra_ratio"]), "--max_train_steps", str(steps),
-        "--checkpointing_steps", str(max(1, steps // 2)), "--seed", str(args.seed), "--report_to", "none",
-        "--output_dir", model_dir, "--cache_dir", os.path.join(out, "cache")]
-        + (["--overwrite_output_dir"] if args.overwrite else [])))
-    reset_accelerate_state()
-    timings["UNet"] = time.time() - t
-
+        "--extra_data", folders["extra"], "--extra_ratio", str(cfg["extra_ratio"])], cfg["unet_steps"], model_dir, "UNet")
     print(f"[4/6] Distilling a full LCM student from it on the same mix ({cfg['lcm_steps']} steps) -> {lcm_dir}")
-    from .training import distill_lcm
-
-    t = time.time()
-    steps = cfg["lcm_steps"]
-    distill_lcm.main(distill_lcm.parse_args(LCM_ARGS + [
-        "--pretrained_teacher_model", model_dir, "--max_train_steps", str(steps),
-        "--checkpointing_steps", str(max(1, steps // 2)), "--seed", str(args.seed), "--report_to", "none",
-        "--output_dir", lcm_dir, "--cache_dir", os.path.join(out, "cache")]
-        + (["--overwrite_output_dir"] if args.overwrite else [])))
-    reset_accelerate_state()
-    timings["LCM"] = time.time() - t
-
+    run(distill_lcm, LCM_ARGS + ["--pretrained_teacher_model", model_dir], cfg["lcm_steps"], lcm_dir, "LCM")
     print(f"[5/6] Distilling a one-step DMD generator from it on the same prompts ({cfg['dmd_steps']} steps) -> "
           f"{dmd_dir}")
-    from .training import distill_dmd
-
-    t = time.time()
-    steps = cfg["dmd_steps"]
-    distill_dmd.main(distill_dmd.parse_args(DMD_ARGS + [
-        "--pretrained_model_name_or_path", model_dir, "--max_train_steps", str(steps),
-        "--checkpointing_steps", str(max(1, steps // 2)), "--seed", str(args.seed), "--report_to", "none",
-        "--output_dir", dmd_dir, "--cache_dir", os.path.join(out, "cache")]
-        + (["--overwrite_output_dir"] if args.overwrite else [])))
-    reset_accelerate_state()
-    timings["DMD"] = time.time() - t
+    run(distill_dmd, DMD_ARGS + ["--pretrained_model_name_or_path", model_dir], cfg["dmd_steps"], dmd_dir, "DMD")
 
     print(f"[6/6] Auditing the teacher and its students on the memorized and held-out prompts (beside them, the model "
           f"in 4 LCM steps without distillation) -> {report_dir}")

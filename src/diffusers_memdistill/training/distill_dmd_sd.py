@@ -39,6 +39,7 @@ from .text_to_image import (
     num_train_timesteps,
     pixel_memorization_track,
     sample_prompts,
+    text_to_image_pipeline,
 )
 
 DEFAULT_REAL_GUIDANCE_SCALE = 1.75  # DMD2's for SD v1.5
@@ -71,7 +72,7 @@ def build_plan(args, teacher_model):
     from diffusers import StableDiffusionPipeline
 
     components, training_set = teacher_model.components, teacher_model.training_set
-    teacher, vae, text_encoder, tokenizer = (components[k] for k in ("unet", "vae", "text_encoder", "tokenizer"))
+    teacher = components["unet"]
     noise_scheduler = components["noise_scheduler"]
     device = teacher_model.latent_moments.device
     generator_timesteps = resolved_generator_timesteps(args, teacher_model.folder)
@@ -125,9 +126,7 @@ def build_plan(args, teacher_model):
     prompts = args.validation_prompts or captions[: max(1, min(4, args.num_validation_images))]
 
     def pipeline_of(unet):
-        return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        return text_to_image_pipeline(StableDiffusionPipeline, components, unet, scheduler)
 
     def sample(unet, some_prompts):
         return sample_prompts(pipeline_of, unet, components, some_prompts, args.seed, num_steps, 1.0)

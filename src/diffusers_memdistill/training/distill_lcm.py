@@ -49,6 +49,7 @@ from .text_to_image import (
     num_train_timesteps,
     pixel_memorization_track,
     sample_prompts,
+    text_to_image_pipeline,
 )
 
 SCRIPT = "distill_lcm.py"
@@ -178,7 +179,7 @@ def build_plan(args, teacher_model):
     from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
 
     components, training_set = teacher_model.components, teacher_model.training_set
-    teacher, vae, text_encoder, tokenizer = (components[k] for k in ("unet", "vae", "text_encoder", "tokenizer"))
+    teacher, vae = components["unet"], components["vae"]
     noise_scheduler = components["noise_scheduler"]
     latent_moments = teacher_model.latent_moments
     device = latent_moments.device
@@ -230,8 +231,7 @@ def build_plan(args, teacher_model):
     pipeline_class = StableDiffusionPipeline if args.use_lora else LatentConsistencyModelPipeline
 
     def pipeline_of(unet):
-        return pipeline_class(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                              safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        return text_to_image_pipeline(pipeline_class, components, unet, scheduler)
 
     def sample(unet, some_prompts):
         return sample_prompts(pipeline_of, unet, components, some_prompts, args.seed, NUM_INFERENCE_STEPS, guidance)

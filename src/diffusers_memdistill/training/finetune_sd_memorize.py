@@ -292,12 +292,12 @@ def build_plan(args, components: dict, training_set, latent_moments: torch.Tenso
     prompts = args.validation_prompts or captions[: max(1, min(4, args.num_validation_images))]
 
     def pipeline_of(unet):
-        return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=sampler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        from .text_to_image import text_to_image_pipeline  # that module builds on this one
+
+        return text_to_image_pipeline(StableDiffusionPipeline, components, unet, sampler)
 
     def validate(nets, _step):
-        from .text_to_image import sample_prompts  # that module builds on this one
+        from .text_to_image import sample_prompts
 
         n = args.num_validation_images
         return {"": sample_prompts(pipeline_of, nets[saved], components, [prompts[i % len(prompts)] for i in range(n)],

@@ -131,6 +131,14 @@ def load_text_to_image_teacher(runner, args, name: str, revision=None, variant=N
     return TextToImageTeacher(folder, components, training_set, moments.to(runner.device), unet_sha256)
 
 
+def text_to_image_pipeline(pipeline_class, components: dict, unet, scheduler):
+    """``pipeline_class`` (a diffusers text-to-image pipeline) around a trained UNet, with the teacher's VAE, text
+    encoder and tokenizer and no safety checker."""
+    return pipeline_class(vae=components["vae"], text_encoder=components["text_encoder"],
+                          tokenizer=components["tokenizer"], unet=unet, scheduler=scheduler, safety_checker=None,
+                          feature_extractor=None, requires_safety_checker=False)
+
+
 @torch.no_grad()
 def sample_prompts(pipeline_of: Callable, unet, components: dict, prompts, seed: int, num_inference_steps: int,
                    guidance_scale: float) -> torch.Tensor:
