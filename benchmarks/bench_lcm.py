@@ -97,7 +97,7 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="Write the results to this file.")
     p.add_argument("--in_process", action="store_true",
                    help="Run ours in this process instead of a subprocess (CPU smoke tests: saves the start-up).")
-    p.add_argument("--quick", action="store_true", help="Tiny components, 16 px, batch 2, CPU, 2 timed steps.")
+    p.add_argument("--quick", action="store_true", help="Tiny components, 16 px, batch 2, no mixed precision, 2 timed steps: a smoke run.")
     p.add_argument("--flops_only", action="store_true",
                    help="Only print the FLOPs per sample composed from per-pass counts (meta device, no run).")
     args = p.parse_args(argv)
@@ -422,12 +422,12 @@ def main(args):
             write_teacher(str(teacher), args.quick)
             print(f"teacher written to {teacher} in {time.perf_counter() - start:.0f} s")
         composed = composed_flops(str(teacher), args.resolution, args.batch_size)
-        pairs = synthetic_pairs(args.num_images, args.resolution)
         imagefolder, shard_dir = work / "pairs", work / "shards"
-        if not imagefolder.exists():
-            write_imagefolder(imagefolder, pairs)
-        shards = write_shards(shard_dir, pairs) if not shard_dir.exists() else \
-            str(shard_dir / f"{{00000..{len(list(shard_dir.glob('*.tar'))) - 1:05d}}}.tar")
+        shutil.rmtree(imagefolder, ignore_errors=True)  # the pairs of this command's --num_images and --resolution
+        shutil.rmtree(shard_dir, ignore_errors=True)
+        pairs = synthetic_pairs(args.num_images, args.resolution)
+        write_imagefolder(imagefolder, pairs)
+        shards = write_shards(shard_dir, pairs)
         runs = []
         if "diffusers" in only and not skip_diffusers:
             runs.append(("diffusers train_lcm_distill_sd_wds.py", "diffusers", args.diffusers_script,
