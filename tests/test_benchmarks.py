@@ -34,3 +34,28 @@ def test_throughput_benchmark_flop_accounting(tmp_path):
     assert all(r["samples_per_s"] > 0 for r in results.values()) and len(results) == 8
     saved = json.loads((tmp_path / "r.json").read_text())
     assert set(saved["derived"]) == {"runner_overhead", "accumulation_per_sample_ratio", "teacher_vs_baseline"}
+
+
+def test_lcm_benchmark_counts_six_unet_passes_per_step(tmp_path):
+    """Our side of benchmarks/bench_lcm.py --quick (diffusers' script is not part of the repository: its side is
+    skipped with a note). The FLOPs counted through the real distill_lcm.py step equal the per-pass composition:
+    the student's forward and backward, the teacher's cond and uncond branches (one fused batch) and the target's
+    forward, about 6 UNet forwards, and no VAE or text encoder pass (the latents and embeddings are cached)."""
+    spec = importlib.util.spec_from_file_location("bench_lcm", REPO / "benchmarks" / "bench_lcm.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(bench.parse_args(["--quick", "--in_process", "--work_dir", str(tmp_path / "work"), "--json",
+                                       str(tmp_path / "r.json"), "--diffusers_script", str(tmp_path / "absent.py")]))
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert list(saved["results"]) == ["ours distill_lcm.py"] and "not found" in saved["notes"][0]
+    row = saved["results"]["ours distill_lcm.py"]
+    for key in ("steps_per_s", "samples_per_s", "seconds_per_step", "gflop_per_sample", "achieved_tflops",
+                "share_of_peak"):
+        assert row[key] > 0, key
+    assert row["samples_per_s"] == pytest.approx(2 * row["steps_per_s"])  # batch 2
+    composed = out["composed"]
+    passes = composed["passes_gflop_per_sample"]
+    assert row["gflop_per_sample"] == pytest.approx(composed["ours_gflop_per_sample"], rel=1e-9)
+    assert composed["ours_gflop_per_sample"] == pytest.approx(6 * passes["unet_forward"], rel=0.02)
+    assert composed["diffusers_gflop_per_sample"] == pytest.approx(
+        composed["ours_gflop_per_sample"] + passes["vae_encode"] + passes["text_encode"], rel=1e-9)
