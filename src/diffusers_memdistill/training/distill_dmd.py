@@ -174,6 +174,8 @@ def regression_pairs(teacher_unet, sched_cfg, shape, num_pairs: int, num_steps: 
 def build_plan(args, teacher_pipeline, training_set, teacher_sha256: str, device, lpips=None) -> TrainingPlan:
     """Generator and fake denoiser (both from the teacher), their two phases, the generator's EMA, the frozen
     teacher."""
+    if args.real_guidance_scale is None:  # an EDM teacher's default: no guidance
+        args.real_guidance_scale = 1.0
     teacher_unet = teacher_pipeline.unet.eval().requires_grad_(False)
     sched_cfg = teacher_pipeline.scheduler.config
     sigma_min, sigma_max, generator_sigmas = check_sigma_range(sched_cfg, args.sigma_min, args.sigma_max,
