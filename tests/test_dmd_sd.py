@@ -210,3 +210,21 @@ def test_bad_input_is_refused_before_anything_is_written(data, tmp_path, capsys)
         script.main(script.parse_args([str(a) for a in _dmd_args(data, out)] + ["--pretrained_model_name_or_path",
                                                                               str(data["base"])]))
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_two_processes_under_accelerate_launch(data, tmp_path):  # noqa: F811
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(REPO / "training_scripts" / "distill_dmd.py"),
+           *[str(a) for a in _dmd_args(data, out, "--cpu", "--fake_lora_rank", 2)]]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    config = json.loads((out / "training_config.json").read_text())
+    assert config["num_processes"] == 2 and (out / "unet").is_dir()
