@@ -132,6 +132,7 @@ def test_generators_reload_in_the_stock_pipeline_and_sit_beside_the_lcm_students
 
     from diffusers_memdistill.cli import main as cli_main
     from diffusers_memdistill.evaluate_text_to_image import load_text_to_image_model
+    from diffusers_memdistill.hub import render_model_card
     from diffusers_memdistill.training.runner import load_checkpoint_weights
 
     one, four = tmp_path / "dmd1", tmp_path / "dmd4"
@@ -188,6 +189,16 @@ print("timesteps", pipe.scheduler.timesteps.tolist())
     assert steps == {"teacher": 50, "lcm": 4, "lcm_lora": 4, "dmd1": 1, "dmd4": 4}
     report = (tmp_path / "audit" / "report.md").read_text()
     assert all(f"| {name} | training |" in report and f"| {name} | held-out |" in report for name in models), report
+    # The DMD generator's card reads that report: its rows for the training and held-out prompts beside its
+    # teacher's, with the numbers of metrics.json (nearest-neighbour L2, as the floor row of held-out real images).
+    card, _ = render_model_card(str(one), metrics_path=str(tmp_path / "audit" / "metrics.json"))
+    card = str(card)
+    nearest = results["models"]["dmd1"]["training"]["l2"]["nearest"]
+    assert "pipeline_tag: text-to-image" in card
+    assert f"| **this model, 1 step, training prompts** | {nearest['num_samples']} | " \
+           f"{100 * nearest['fraction_memorized']:.2f}% |" in card
+    assert "| **this model, 1 step, held-out prompts** |" in card
+    assert "| teacher, 50 steps, training prompts |" in card and "held-out real images (floor)" in card
 
 
 @pytest.mark.slow

@@ -294,6 +294,7 @@ class MetricsRow:
     thresholds: dict = field(default_factory=dict)  # "l2" / "sscd" -> threshold
     sscd_preprocessings: dict = field(default_factory=dict)  # variant (None: the only one) -> description or None
     figures: dict = field(default_factory=dict)  # "samples"/"memorized" -> figure file name
+    prompts: str | None = None  # a text-to-image row's prompts: "training prompts" or "held-out prompts"
 
 
 # metric id -> (column header, shown as a percentage)
@@ -341,6 +342,7 @@ def _row_from_entry(name, entry, role, where, slug, sscd_descriptions=None) -> M
         raise MalformedMetricsError(f"{where}.steps is {steps!r}, not an integer")
     row.steps = steps
     row.training_set = entry.get("training_set") if isinstance(entry.get("training_set"), str) else None
+    row.prompts = entry.get("prompt_set") if isinstance(entry.get("prompt_set"), str) else None
     row.num_nan_samples = _count(entry, "num_nan_samples", where)
     for key in ("fid", "fd_pixel"):
         value = _number(entry, key, where)
@@ -487,7 +489,54 @@ def _weights_lines(weights) -> list:
     return lines
 
 
+def _text_to_image_results(results: dict) -> dict:
+    """A text-to-image audit's ``metrics.json`` in the rows of the image evaluation: each model's generations for the
+    training prompts (the row of its name) and for the held-out prompts (``"<name>, held-out prompts"``), with the
+    statistics against the whole training set (pixel L2 nearest-neighbour ratio, SSCD nearest similarity: the
+    criterion the floor row of held-out real images also has) and the CLIP score."""
+
+    def nearest(section, key):
+        value = section.get(key) if isinstance(section, dict) else None
+        if not isinstance(value, dict):
+            return None
+        if key == "sscd":
+            return {p: v["nearest"] for p, v in value.items() if isinstance(v, dict) and isinstance(v.get("nearest"),
+                                                                                                  dict)} or None
+        return value.get("nearest") if isinstance(value.get("nearest"), dict) else None
+
+    def flat(entry, part, prompt_set):
+        section = entry.get(part)
+        if not isinstance(section, dict):
+            return None
+        row = {k: entry[k] for k in ("steps", "path", "kind") if k in entry}
+        row["prompt_set"] = prompt_set
+        for key in ("l2", "sscd"):
+            if nearest(section, key) is not None:
+                row[key] = nearest(section, key)
+        if isinstance(section.get("clip"), dict):
+            row["clip"] = section["clip"]
+        return row
+
+    models = {}
+    for name, entry in results["models"].items():
+        if not isinstance(entry, dict):
+            raise MalformedMetricsError(f"models[{name!r}] is a {type(entry).__name__}, not an object")
+        for part, prompt_set, row_name in (("training", "training prompts", name),
+                                           ("heldout", "held-out prompts", f"{name}, held-out prompts")):
+            row = flat(entry, part, prompt_set)
+            if row is not None:
+                models[row_name] = row
+    floor = results.get("floor")
+    if isinstance(floor, dict):
+        floor = {k: nearest(floor, k) for k in ("l2", "sscd") if nearest(floor, k) is not None}
+        if isinstance(results["floor"].get("clip"), dict):
+            floor["clip"] = results["floor"]["clip"]
+    return {**results, "models": models, "floor": floor or None}
+
+
 def _evaluation_from_results(model, results, metrics_path, row_names) -> Evaluation:
+    if results.get("kind") == "text_to_image":
+        results = _text_to_image_results(results)
     entries = results["models"]
     candidates = {model.path}
     saved_to = (model.training_config or {}).get("output_dir")
@@ -576,12 +625,15 @@ def _row_label(row: MetricsRow) -> str:
     """How a row is named on the card: this model (with its steps), its teacher, or a floor row."""
     if row.role == "floor":
         return row.name
-    label = "this model" if row.role == "model" else ("teacher" if row.name == "teacher" else f"teacher ({row.name})")
+    name = row.name
+    if row.prompts is not None and name.endswith(f", {row.prompts}"):  # a text-to-image model's held-out-prompt row
+        name = name[: -len(f", {row.prompts}")]
+    label = "this model" if row.role == "model" else ("teacher" if name == "teacher" else f"teacher ({name})")
     if row.steps is not None:
         label += f", {row.steps} step{'s' if row.steps != 1 else ''}"
     elif row.role == "model":
         label += f" ({row.name})"
-    return label
+    return label if row.prompts is None else f"{label}, {row.prompts}"
 
 
 def _measured_columns(rows) -> list:
@@ -653,7 +705,9 @@ def memorization_warnings(evaluation: Evaluation, threshold: float) -> list:
                 test = f"SSCD similarity above {_threshold_text(r.thresholds.get('sscd'))}"
                 test += f", preprocessing {variant}" if variant else ""
             steps = f" {r.steps}-step" if r.steps is not None else ""
-            sentence = f"{_fmt(value, True)} of this model's{steps} samples are near-copies of training images ({test}"
+            prompts = f" for its {r.prompts}" if r.prompts else ""
+            sentence = (f"{_fmt(value, True)} of this model's{steps} samples{prompts} are near-copies of training "
+                        f"images ({test}")
             sentence += f"; held-out real images: {_fmt(floor, True)})." if floor is not None else ")."
             warnings.append(sentence)
     return warnings
