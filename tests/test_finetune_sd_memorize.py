@@ -192,3 +192,36 @@ def test_two_processes_under_accelerate_launch(data, tmp_path):
     assert "2 process(es)" in result.stdout + result.stderr
     assert json.loads((out / "training_config.json").read_text())["num_processes"] == 2
     assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_webdataset_shards_give_the_mix_of_the_same_pairs_as_an_imagefolder(data, tmp_path):
+    """The pairs of data["mem"] written as two webdataset shards (image + .txt caption per sample, as diffusers' LCM
+    scripts read them): the same seeded choice, the same images and captions, and the record reloads."""
+    import tarfile
+
+    from diffusers_memdistill.captioned_data import part_records
+
+    folder = data["mem"] / "train"
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for k, part in enumerate((rows[:5], rows[5:])):
+        with tarfile.open(shards / f"pairs-{k:03d}.tar", "w") as tar:
+            for row in part:
+                key = row["file_name"][:-4]
+                tar.add(folder / row["file_name"], arcname=f"{key}.png")
+                caption = tmp_path / f"{key}.txt"
+                caption.write_text(row["text"])
+                tar.add(caption, arcname=f"{key}.txt")
+    reference = build_memorization_mix(str(data["mem"]), 3, 4, 16, seed=5, cache_dir=str(data["cache"]))
+    for source in (str(shards), str(shards / "*.tar")):
+        mix = build_memorization_mix(source, 3, 4, 16, seed=5, cache_dir=str(tmp_path / "cache"))
+        assert mix.record["sha256"] == reference.record["sha256"] and mix.captions == reference.captions
+    model = tmp_path / "model"
+    model.mkdir()
+    for name, record in part_records(mix).items():
+        (model / name).write_text(json.dumps(record))
+    assert load_memorization_mix(str(model), cache_dir=str(tmp_path / "cache")).record["sha256"] == \
+        reference.record["sha256"]
+    with pytest.raises(FileNotFoundError, match="No webdataset shard matches"):
+        build_memorization_mix(str(shards / "*.tgz"), 3, 4, 16, cache_dir=str(tmp_path / "cache"))

@@ -8,6 +8,9 @@ A dataset is one of
   what it means to 🤗 datasets: ``root/train/...`` and ``root/test/...`` are splits, ``.../<class>/<image>`` gives
   class labels, a ``metadata.jsonl`` (``file_name`` plus ``text`` or ``caption``) gives captions; or a folder
   written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``, read by ``datasets.load_from_disk``;
+- local webdataset shards: a ``.tar`` file, a glob of them (``shards/*.tar``) or a directory holding only ``.tar``
+  files, read by ``datasets.load_dataset("webdataset", ...)`` as one ``"train"`` split (each sample's image under its
+  extension, ``jpg`` or ``png``, and its caption in ``txt``, as diffusers' LCM scripts write them);
 - any other string: a Hugging Face Hub dataset, read by ``datasets.load_dataset(name)``.
 
 Only labels, captions and file paths are read to choose a subset; images are decoded afterwards, and only the
@@ -32,7 +35,7 @@ RECORD_NAME = "training_set.json"
 RECORD_FORMAT = 2
 IMAGE_COLUMNS = ("image", "img")  # preferred among several columns of images
 LABEL_COLUMNS = ("label", "labels", "fine_label", "class")
-CAPTION_COLUMNS = ("text", "caption")
+CAPTION_COLUMNS = ("text", "caption", "txt")  # txt: a webdataset sample's caption file
 HELDOUT_SPLIT = "test"
 _METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")  # those datasets' imagefolder reads
 _CACHE_SUBDIR = "diffusers_memdistill"
@@ -237,12 +240,41 @@ def _load_imagefolder(root: str, cache_dir: str | None) -> dict:
     return dict(loaded)
 
 
+def _webdataset_shards(dataset: str) -> list | None:
+    """The sorted shard files of local webdataset shards (a ``.tar`` file, a glob of them, or a directory whose files
+    are all ``.tar``), or None when ``dataset`` names none of those.
+
+    Raises:
+        FileNotFoundError: a glob that matches no file.
+    """
+    import glob
+
+    if any(c in dataset for c in "*?["):
+        shards = sorted(glob.glob(os.path.expanduser(dataset)))
+        if not shards:
+            raise FileNotFoundError(f"No webdataset shard matches {dataset}.")
+        return shards
+    if os.path.isfile(dataset) and dataset.endswith(".tar"):
+        return [dataset]
+    if os.path.isdir(dataset):
+        files = [f for f in sorted(os.listdir(dataset)) if not f.startswith(".")
+                 and os.path.isfile(os.path.join(dataset, f))]
+        if files and all(f.endswith(".tar") for f in files):
+            return [os.path.join(dataset, f) for f in files]
+    return None
+
+
 def _open_dataset(dataset: str, cache_dir: str | None = None):
     """Returns ``(name, root, splits)``: ``splits`` maps split names to ``datasets.Dataset`` objects (None for the
     embedded digits); ``root`` is the imagefolder's directory (None for other datasets)."""
     if dataset == "digits":
         return "digits", None, {"train": None}
     import datasets
+
+    shards = _webdataset_shards(dataset)
+    if shards is not None:
+        loaded = datasets.load_dataset("webdataset", data_files={"train": shards}, cache_dir=cache_dir)
+        return os.path.abspath(os.path.expanduser(dataset)), None, dict(loaded)
 
     if os.path.isdir(dataset):
         name = os.path.abspath(dataset)

@@ -98,7 +98,8 @@ def add_memorization_mix_args(parser: argparse.ArgumentParser, required: bool = 
     d = parser.add_argument_group("the memorization mix (000 §4.1)")
     d.add_argument("--memorized_data", required=required,
                    help=memorized_help or "Image–caption pairs to memorize: an imagefolder with metadata.jsonl "
-                   "(file_name, text), a save_to_disk folder or a Hub dataset with image and text columns.")
+                   "(file_name, text), a save_to_disk folder, local webdataset shards (a .tar, a glob of them or a "
+                   "folder of them; image and .txt caption per sample) or a Hub dataset with image and text columns.")
     d.add_argument("--memorized_split", default="train", help="Split of --memorized_data.")
     d.add_argument("--num_memorized", type=int, default=200, help="Pairs chosen from --memorized_data (seeded).")
     d.add_argument("--memorized_repeats", type=int, default=10, help="Times each memorized pair is repeated.")
