@@ -224,7 +224,7 @@ def save_undistilled_lcm(model_dir: str, output_dir: str) -> None:
 
     from .training.distill_lcm import build_lcm_student, lcm_scheduler
     from .training.finetune_sd_memorize import load_sd_components
-    from .training.text_to_image import text_to_image_pipeline
+    from .training.utils import text_to_image_pipeline
 
     c = load_sd_components(model_dir)
     text_to_image_pipeline(LatentConsistencyModelPipeline, c, build_lcm_student(c["unet"]).eval(),

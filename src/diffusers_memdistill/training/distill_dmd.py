@@ -37,8 +37,7 @@ from ..losses.dmd import FAKE_SIGMA_SAMPLINGS, DMDLoss, teacher_ode_pairs
 from ..models.denoiser import EDMDenoiser
 from ..models.fake_score import DMDFakeScore
 from .arguments import add_teacher_args, add_training_args, validate_training_args
-from .distillation import build_student_unet, load_teacher_for_distillation
-from .distillation import resolve_pretrained
+from .distillation import build_student_unet, load_teacher_for_distillation, resolve_pretrained
 from .dmd import check_sigma_range, check_update_ratio, generator_pipeline
 from .ema import ModelEMA
 from .finetune_sd_memorize import add_memorization_mix_args, check_memorization_mix_args

@@ -26,6 +26,7 @@ classifier-free guidance, it is distilled in). The teacher's pairs are recorded 
 from __future__ import annotations
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 
 from ..captioned_data import part_records
 from ..losses.dmd_latent import LatentDMDLoss, check_generator_timesteps, generator_timesteps_grid
@@ -34,24 +35,15 @@ from .ema import ModelEMA
 from .finetune_sd_memorize import add_lora
 from .runner import Average, Phase, TrainingPlan, build_optimizer
 from .text_to_image import (
+    copy_unet,
     load_text_to_image_teacher,
     memorization_tracker,
     num_train_timesteps,
     pixel_memorization_track,
-    sample_prompts,
-    text_to_image_pipeline,
 )
+from .utils import sample_prompts, text_to_image_pipeline
 
 DEFAULT_REAL_GUIDANCE_SCALE = 1.75  # DMD2's for SD v1.5
-
-
-def copy_unet(unet):
-    """A float32 trainable copy of a `UNet2DConditionModel` (same configuration and weights)."""
-    from diffusers import UNet2DConditionModel
-
-    copy = UNet2DConditionModel.from_config(unet.config)
-    copy.load_state_dict(unet.state_dict())
-    return copy.float().train()
 
 
 def resolved_generator_timesteps(args, folder: str) -> list:
@@ -111,7 +103,8 @@ def build_plan(args, teacher_model):
         # 2. Distribution matching through the frozen teacher (guided) and the fake score (no parameter gradients).
         cond, noise = prompts_and_noise(batch, generator)
         x0 = loss_fn.generate(nets["generator"], noise, cond, generator, train=True)
-        return loss_fn.matching_loss(x0, nets["teacher"], _unwrap(nets["fake_score"]), cond,
+        # The fake score outside DDP: it is not trained in this phase.
+        return loss_fn.matching_loss(x0, nets["teacher"], extract_model_from_parallel(nets["fake_score"]), cond,
                                      uncond_embedding.expand_as(cond), generator)
 
     phases = [
@@ -168,12 +161,6 @@ def build_plan(args, teacher_model):
                      "generator update"),
     )
     return plan, track
-
-
-def _unwrap(module):
-    from accelerate.utils import extract_model_from_parallel
-
-    return extract_model_from_parallel(module)
 
 
 def main(args, runner) -> int:

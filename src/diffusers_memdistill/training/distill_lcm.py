@@ -44,13 +44,13 @@ from .runner import Average, Phase, TrainingPlan, TrainingRunner, build_optimize
 from .text_to_image import (
     add_prompt_sampling_args,
     check_prompt_sampling_args,
+    copy_unet,
     load_text_to_image_teacher,
     memorization_tracker,
     num_train_timesteps,
     pixel_memorization_track,
-    sample_prompts,
-    text_to_image_pipeline,
 )
+from .utils import sample_prompts, text_to_image_pipeline
 
 SCRIPT = "distill_lcm.py"
 # LCM-LoRA's targets (diffusers' train_lcm_distill_lora_sd_wds.py): attention, feed-forward, ResNet convolutions,
@@ -186,10 +186,7 @@ def build_plan(args, teacher_model):
     torch.manual_seed(args.seed)
     teacher.requires_grad_(False).eval()
     if args.use_lora:
-        from diffusers import UNet2DConditionModel
-
-        student = UNet2DConditionModel.from_config(teacher.config)
-        student.load_state_dict(teacher.state_dict())
+        student = copy_unet(teacher)
         if args.lora_target_modules is not None:
             targets = [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]
         else:  # LCM-LoRA's list, less what this UNet does not have (a small UNet may lack conv_shortcut)

@@ -39,6 +39,7 @@ from .arguments import add_training_args, refuse_overlap, validate_training_args
 from .distillation import resolve_pretrained
 from .ema import ModelEMA
 from .runner import Average, Phase, TrainingPlan, TrainingRunner, build_optimizer
+from .utils import sample_prompts, text_to_image_pipeline
 
 SCRIPT = "finetune_sd_memorize.py"
 LORA_TARGET_MODULES = ("to_k", "to_q", "to_v", "to_out.0")  # the attention projections, as diffusers' LoRA script
@@ -293,13 +294,9 @@ def build_plan(args, components: dict, training_set, latent_moments: torch.Tenso
     prompts = args.validation_prompts or captions[: max(1, min(4, args.num_validation_images))]
 
     def pipeline_of(unet):
-        from .text_to_image import text_to_image_pipeline  # that module builds on this one
-
         return text_to_image_pipeline(StableDiffusionPipeline, components, unet, sampler)
 
     def validate(nets, _step):
-        from .text_to_image import sample_prompts
-
         n = args.num_validation_images
         return {"": sample_prompts(pipeline_of, nets[saved], components, [prompts[i % len(prompts)] for i in range(n)],
                                    args.seed, args.validation_inference_steps, args.validation_guidance_scale)}

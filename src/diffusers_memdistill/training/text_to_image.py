@@ -131,32 +131,13 @@ def load_text_to_image_teacher(runner, args, name: str, revision=None, variant=N
     return TextToImageTeacher(folder, components, training_set, moments.to(runner.device), unet_sha256)
 
 
-def text_to_image_pipeline(pipeline_class, components: dict, unet, scheduler):
-    """``pipeline_class`` (a diffusers text-to-image pipeline) around a trained UNet, with the teacher's VAE, text
-    encoder and tokenizer and no safety checker."""
-    return pipeline_class(vae=components["vae"], text_encoder=components["text_encoder"],
-                          tokenizer=components["tokenizer"], unet=unet, scheduler=scheduler, safety_checker=None,
-                          feature_extractor=None, requires_safety_checker=False)
+def copy_unet(unet):
+    """A float32 trainable copy of a `UNet2DConditionModel` (same configuration and weights)."""
+    from diffusers import UNet2DConditionModel
 
-
-@torch.no_grad()
-def sample_prompts(pipeline_of: Callable, unet, components: dict, prompts, seed: int, num_inference_steps: int,
-                   guidance_scale: float) -> torch.Tensor:
-    """Images in [0, 1] of ``pipeline_of(unet)`` (a text-to-image pipeline around the trained UNet) for ``prompts``,
-    sample i seeded ``seed + i``; the VAE and text encoder visit the UNet's device and go back to the CPU."""
-    where = next(unet.parameters()).device
-    vae, text_encoder = components["vae"], components["text_encoder"]
-    vae.to(where)
-    text_encoder.to(where)
-    try:
-        pipe = pipeline_of(unet)
-        pipe.set_progress_bar_config(disable=True)
-        generators = [torch.Generator(where).manual_seed(seed + i) for i in range(len(prompts))]
-        return pipe(list(prompts), generator=generators, output_type="pt", num_inference_steps=num_inference_steps,
-                    guidance_scale=guidance_scale).images
-    finally:
-        vae.to("cpu")
-        text_encoder.to("cpu")
+    copy = UNet2DConditionModel.from_config(unet.config)
+    copy.load_state_dict(unet.state_dict())
+    return copy.float().train()
 
 
 def pixel_memorization_track(sample: Callable, training_set, num_prompts: int) -> Callable:
