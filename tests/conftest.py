@@ -46,6 +46,17 @@ def run_without_package(code: str, tmp_path) -> subprocess.CompletedProcess:
     return result
 
 
+def launch_two_processes(name: str, argv: list) -> subprocess.CompletedProcess:
+    """Run ``training_scripts/<name>.py`` under ``accelerate launch`` with two CPU processes (DDP over gloo; the
+    script's flags should include ``--cpu``); fails the test with the end of stderr when it does not succeed."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(REPO / "training_scripts" / f"{name}.py"), *[str(a) for a in argv]]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
 def run_script(name: str, argv: list):
     """Run a training script's main() in this process (faster than a subprocess)."""
     import importlib.util

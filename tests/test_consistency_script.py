@@ -1,14 +1,12 @@
 """End to end: distil a tiny digits teacher with training_scripts/distill_consistency.py, reload, sample, resume."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_script, run_without_package
+from conftest import launch_two_processes, run_script, run_without_package
 from diffusers_memdistill.losses import consistency as cd
 from diffusers_memdistill.pipelines.pipeline_consistency import ConsistencyStudentPipeline
 from diffusers_memdistill.pipelines.pipeline_edm import EDMPipeline
@@ -161,12 +159,8 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(teacher_dir, tmp_pa
 
 def test_two_processes_under_accelerate_launch(teacher_dir, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(REPO / "training_scripts" / "distill_consistency.py"),
-           *_args(teacher_dir, out, "--cpu", "--max_train_steps", "2", "--checkpointing_steps", "1")]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = launch_two_processes("distill_consistency", _args(teacher_dir, out, "--cpu", "--max_train_steps", "2",
+                                                               "--checkpointing_steps", "1"))
     assert "2 process(es)" in result.stdout + result.stderr
     assert json.loads((out / "training_config.json").read_text())["num_processes"] == 2
     assert [step for step, _ in list_checkpoints(out)] == [1, 2]

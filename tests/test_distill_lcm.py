@@ -4,13 +4,11 @@ the audit's registry samples both, and bad input is refused before anything is w
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO, run_script, run_without_package
+from conftest import launch_two_processes, run_script, run_without_package
 from diffusers_memdistill.captioned_data import build_memorization_mix, part_records
 from diffusers_memdistill.models.tiny_sd import save_tiny_sd_pipeline, tiny_sd_components
 from diffusers_memdistill.registry import registration_for, sample_images
@@ -233,12 +231,7 @@ def test_bad_input_is_named_before_anything_is_written(data, tmp_path, capsys):
 @pytest.mark.slow
 def test_two_processes_under_accelerate_launch(data, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(REPO / "training_scripts" / "distill_lcm.py"),
-           *[str(a) for a in _args(data, out, "--cpu", "--max_train_steps", 2, "--checkpointing_steps", 2)]]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = launch_two_processes("distill_lcm", _args(data, out, "--cpu", "--max_train_steps", 2, "--checkpointing_steps", 2))
     assert "2 process(es)" in result.stdout + result.stderr
     assert json.loads((out / "training_config.json").read_text())["num_processes"] == 2
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()

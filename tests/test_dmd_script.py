@@ -2,14 +2,12 @@
 optimizers' step counts, reloading through both paths, DMD2's options, resume, bad input, two processes."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_script, run_without_package
+from conftest import launch_two_processes, run_script, run_without_package
 from diffusers_memdistill.pipelines.pipeline_dmd import DMDGeneratorPipeline
 from diffusers_memdistill.pipelines.pipeline_edm import EDMPipeline
 from diffusers_memdistill.registry import load_pipeline
@@ -172,13 +170,9 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(teacher_dir, tmp_pa
 
 def test_two_processes_under_accelerate_launch(teacher_dir, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(REPO / "training_scripts" / "distill_dmd.py"),
-           *_args(teacher_dir, out, "--cpu", "--max_train_steps", "2", "--checkpointing_steps", "1",
-                  "--fake_updates_per_generator_update", "1", "--use_gan")]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = launch_two_processes("distill_dmd", _args(teacher_dir, out, "--cpu", "--max_train_steps", "2",
+                                                       "--checkpointing_steps", "1",
+                                                       "--fake_updates_per_generator_update", "1", "--use_gan"))
     assert "2 process(es)" in result.stdout + result.stderr
     config = json.loads((out / "training_config.json").read_text())
     assert config["num_processes"] == 2 and config["optimizer_updates"] == {"fake_score": 2, "generator": 2}

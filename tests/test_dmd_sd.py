@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_script, run_without_package
+from conftest import launch_two_processes, run_script, run_without_package
 from diffusers_memdistill.losses.dmd_latent import LatentDMDLoss, check_generator_timesteps, generator_timesteps_grid
 from diffusers_memdistill.models.tiny_sd import tiny_sd_components
 from test_distill_lcm import data  # noqa: F401  (the tiny teacher and its pairs, a module fixture)
@@ -225,17 +225,7 @@ def test_bad_input_is_refused_before_anything_is_written(data, tmp_path, capsys)
 
 @pytest.mark.slow
 def test_two_processes_under_accelerate_launch(data, tmp_path):  # noqa: F811
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(REPO / "training_scripts" / "distill_dmd.py"),
-           *[str(a) for a in _dmd_args(data, out, "--cpu", "--fake_lora_rank", 2)]]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    launch_two_processes("distill_dmd", _dmd_args(data, out, "--cpu", "--fake_lora_rank", 2))
     config = json.loads((out / "training_config.json").read_text())
     assert config["num_processes"] == 2 and (out / "unet").is_dir()

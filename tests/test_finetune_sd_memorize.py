@@ -4,15 +4,13 @@ that reload in diffusers' StableDiffusionPipeline, and bad input refused before 
 import hashlib
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, run_script
+from conftest import launch_two_processes, run_script
 from diffusers_memdistill.captioned_data import build_memorization_mix, load_memorization_mix
 from diffusers_memdistill.data import load_training_set
 from diffusers_memdistill.models.tiny_sd import save_tiny_sd_pipeline
@@ -183,12 +181,8 @@ def test_bad_flags_and_models_are_named_before_anything_is_written(data, tmp_pat
 @pytest.mark.slow
 def test_two_processes_under_accelerate_launch(data, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(REPO / "training_scripts" / "finetune_sd_memorize.py"),
-           *[str(a) for a in _args(data, out, "--cpu", "--num_validation_images", 0, "--use_lora", "--rank", 2)]]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = launch_two_processes("finetune_sd_memorize", _args(data, out, "--cpu", "--num_validation_images", 0,
+                                                                "--use_lora", "--rank", 2))
     assert "2 process(es)" in result.stdout + result.stderr
     assert json.loads((out / "training_config.json").read_text())["num_processes"] == 2
     assert (out / "pytorch_lora_weights.safetensors").is_file()

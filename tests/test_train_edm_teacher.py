@@ -1,13 +1,12 @@
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_script, run_without_package
+from conftest import launch_two_processes, run_script, run_without_package
 from diffusers_memdistill.data import load_training_set
 from diffusers_memdistill.pipelines.pipeline_edm import EDMPipeline
 from diffusers_memdistill.training.runner import load_checkpoint_weights
@@ -112,15 +111,10 @@ def test_bad_input_is_named_and_nothing_is_written(tmp_path, extra, error, match
     assert not (out / "model_index.json").exists() and not list_checkpoints(out)
 
 
-def launch_two_processes(out, *extra):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(REPO / "training_scripts" / "train_edm_teacher.py"),
-           *BASE, "--cpu", "--train_batch_size", "4", "--checkpointing_steps", "2", "--dropout", "0.2",
-           "--output_dir", str(out), *extra]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
+def _launch(out, *extra):
+    return launch_two_processes("train_edm_teacher", [*BASE, "--cpu", "--train_batch_size", "4",
+                                                      "--checkpointing_steps", "2", "--dropout", "0.2",
+                                                      "--output_dir", str(out), *extra])
 
 
 @pytest.mark.slow
@@ -128,9 +122,9 @@ def test_two_processes_resume_exactly_with_dropout(tmp_path):
     # gloo DDP on 2 CPU processes: each rank draws its own dropout masks, and a run resumed from the uninterrupted
     # run's checkpoint-2 ends with its weights.
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    result = launch_two_processes(straight, "--max_train_steps", "4")
+    result = _launch(straight, "--max_train_steps", "4")
     assert "2 process(es)" in result.stdout + result.stderr
-    launch_two_processes(resumed, "--max_train_steps", "4", "--resume_from_checkpoint",
+    _launch(resumed, "--max_train_steps", "4", "--resume_from_checkpoint",
                          str(straight / "checkpoints" / "checkpoint-2"))
     for out, steps in ((straight, [2, 4]), (resumed, [4])):
         assert json.loads((out / "training_config.json").read_text())["num_processes"] == 2
