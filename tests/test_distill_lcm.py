@@ -235,3 +235,27 @@ def test_two_processes_under_accelerate_launch(data, tmp_path):
     assert "2 process(es)" in result.stdout + result.stderr
     assert json.loads((out / "training_config.json").read_text())["num_processes"] == 2
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_compile_covers_student_target_and_teacher_and_trains_as_eager(data, tmp_path):
+    """--compile wraps every network of the step (the student, its EMA target and the frozen teacher); one step ends
+    where the eager step does, up to compiled-kernel rounding (AdamW's first step moves each weight by about lr)."""
+    import torch._dynamo
+    from diffusers import LatentConsistencyModelPipeline, UNet2DConditionModel
+
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    run_script("distill_lcm", _args(data, eager, "--max_train_steps", 1, "--checkpointing_steps", 1))
+    torch._dynamo.reset()
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    run_script("distill_lcm", _args(data, compiled, "--max_train_steps", 1, "--checkpointing_steps", 1, "--compile"))
+    assert counts["stats"]["unique_graphs"] >= 3  # student, target and teacher each traced
+    a = LatentConsistencyModelPipeline.from_pretrained(eager).unet.state_dict()
+    b = LatentConsistencyModelPipeline.from_pretrained(compiled).unet.state_dict()
+    teacher = UNet2DConditionModel.from_pretrained(data["base"], subfolder="unet").state_dict()
+    moved = torch.cat([(a[k] - teacher[k]).abs().flatten() for k in teacher])
+    differ = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert (moved > 5e-4).float().mean() > 0.5  # the step moved most weights by about lr = 1e-3...
+    assert (differ > 1e-4).float().mean() < 0.01  # ...and the compiled step the same way, but for rounding flips
+    torch._dynamo.reset()

@@ -672,8 +672,12 @@ class TrainingRunner:
                 out["captions"] = batch["captions"]
             return out
 
-        step_models = {n: (torch.compile(m) if args.compile else m) for n, m in models.items()}
-        step_nets = {**step_models, **{n: a.ema.module for n, a in plan.averages.items()}, **plan.frozen}
+        # --compile covers every network a step runs: the trained ones, their averages (e.g. LCM's target network,
+        # updated in place: the compiled wrapper shares its parameters) and the frozen teacher.
+        maybe_compile = torch.compile if args.compile else (lambda m: m)
+        step_models = {n: maybe_compile(m) for n, m in models.items()}
+        step_nets = {**step_models, **{n: maybe_compile(a.ema.module) for n, a in plan.averages.items()},
+                     **{n: maybe_compile(m) for n, m in plan.frozen.items()}}
         plain_nets = {**{n: acc.unwrap_model(m) for n, m in models.items()},
                       **{n: a.ema.module for n, a in plan.averages.items()}, **plan.frozen}
         watched = [*(plain_nets[n] for n in models), *(a.ema.module for a in plan.averages.values())]
