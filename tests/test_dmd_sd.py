@@ -119,6 +119,21 @@ def test_matching_loss_guides_the_teacher_in_one_fused_call_and_vanishes_when_fa
     assert all(20 <= int(s) <= 980 for s in fake_logs["timesteps"])
 
 
+def test_a_teacher_kept_in_bfloat16_takes_float32_latents(parts):
+    """--cast_teacher_unet: the frozen teacher in bfloat16 reads float32 latents and gives float32 predictions close
+    to the float32 teacher's."""
+    import copy
+
+    unet, noise_scheduler = parts
+    loss = LatentDMDLoss(noise_scheduler, real_guidance_scale=1.75)
+    z, hidden = _inputs(3)
+    t = torch.tensor([100, 300])
+    full = loss.real_prediction(unet, z, t, hidden, torch.zeros_like(hidden))
+    half = loss.real_prediction(copy.deepcopy(unet).to(torch.bfloat16), z, t, hidden, torch.zeros_like(hidden))
+    assert half.dtype == torch.float32
+    assert (half - full).abs().max() < 0.05 * full.abs().max()
+
+
 def _dmd_args(data, out, *extra):
     return ["--pretrained_model_name_or_path", data["teacher"], "--output_dir", out, "--resolution", 16,
             "--train_batch_size", 2, "--max_train_steps", 4, "--checkpointing_steps", 2, "--report_to", "none",

@@ -119,6 +119,8 @@ def parse_args(argv=None):
                          "full trainable copy, as DMD2).")
     sd.add_argument("--timestep_scaling_factor", type=float, default=10.0,
                     help="timestep_scaling of the generator's boundary scalings (LCMScheduler's).")
+    sd.add_argument("--cast_teacher_unet", action="store_true",
+                    help="Keep the frozen teacher UNet in the --mixed_precision dtype (less memory).")
     sd.add_argument("--cache_dir", default=None,
                     help="Cache of downloaded datasets and of the encoded latents (default: the datasets cache).")
     add_memorization_mix_args(parser, required=False, memorized_help=(
@@ -300,7 +302,7 @@ EDM_ONLY = {"generator_sigmas": None, "sigma_min": None, "sigma_max": None, "unc
             "teacher_dataset": None, "use_gan": False, "regression_weight": 0.0, "fake_sigma_sampling": "karras",
             "num_train_sigmas": 1000}
 LATENT_ONLY = {"generator_timesteps": None, "fake_lora_rank": 0, "memorized_data": None, "extra_data": None,
-               "validation_prompts": None, "track_memorization_steps": 0}
+               "validation_prompts": None, "track_memorization_steps": 0, "cast_teacher_unet": False}
 
 
 def check_flags_for_teacher(args, text_to_image: bool) -> None:

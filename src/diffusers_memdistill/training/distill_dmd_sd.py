@@ -73,6 +73,8 @@ def build_plan(args, teacher_model):
     teacher.requires_grad_(False).eval()
     generator_unet = copy_unet(teacher)
     fake_unet = copy_unet(teacher)
+    if args.cast_teacher_unet and args.mixed_precision in ("fp16", "bf16"):  # after the copies, which stay float32
+        teacher.to(torch.float16 if args.mixed_precision == "fp16" else torch.bfloat16)
     targets = None
     if args.fake_lora_rank:  # LCM-LoRA's targets, those this UNet has
         names = [n for n, _ in fake_unet.named_modules()]
@@ -136,7 +138,7 @@ def build_plan(args, teacher_model):
         track = pixel_memorization_track(lambda some: sample(ema.module, some), training_set,
                                          args.track_memorization_prompts)
     keys = ("fake_updates_per_generator_update", "min_step_percent", "max_step_percent", "fake_lora_rank",
-            "timestep_scaling_factor", "resolution")
+            "timestep_scaling_factor", "resolution", "cast_teacher_unet")
     fingerprint = {**{k: getattr(args, k) for k in keys}, "teacher_sha256": teacher_model.unet_sha256,
                    "generator_timesteps": generator_timesteps, "real_guidance_scale": real_guidance_scale}
     n_params = sum(p.numel() for p in generator_unet.parameters())
