@@ -217,6 +217,22 @@ print("timesteps", pipe.scheduler.timesteps.tolist())
 
 
 @pytest.mark.slow
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(data, tmp_path):  # noqa: F811
+    from diffusers_memdistill.training.runner import load_checkpoint_weights
+
+    common = ("--generator_timesteps", "999,499", "--max_train_steps", 4, "--checkpointing_steps", 2)
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    run_script("distill_dmd", _dmd_args(data, whole, *common))
+    run_script("distill_dmd", _dmd_args(data, parts, *common[:-4], "--max_train_steps", 2, "--checkpointing_steps", 2))
+    run_script("distill_dmd", _dmd_args(data, parts, *common, "--resume_from_checkpoint", "latest"))
+    a = load_checkpoint_weights(str(whole / "checkpoints" / "checkpoint-4"))
+    b = load_checkpoint_weights(str(parts / "checkpoints" / "checkpoint-4"))
+    assert set(a) == {"generator", "fake_score", "ema_generator"}
+    for name in a:  # generator (2 updates), fake score (4) and the generator's EMA
+        assert all(torch.equal(v, b[name][k]) for k, v in a[name].items()), name
+
+
+@pytest.mark.slow
 def test_bad_input_is_refused_before_anything_is_written(data, tmp_path, capsys):  # noqa: F811
     from diffusers_memdistill.training import distill_dmd as script
 
