@@ -30,7 +30,7 @@ from accelerate.utils import extract_model_from_parallel
 
 from ..captioned_data import part_records
 from ..losses.dmd_latent import LatentDMDLoss, check_generator_timesteps, generator_timesteps_grid
-from .distill_lcm import LCM_LORA_TARGET_MODULES, lcm_scheduler
+from .distill_lcm import lcm_lora_targets, lcm_scheduler
 from .ema import ModelEMA
 from .finetune_sd_memorize import add_lora
 from .runner import Average, Phase, TrainingPlan, build_optimizer
@@ -76,9 +76,8 @@ def build_plan(args, teacher_model):
     if args.cast_teacher_unet and args.mixed_precision in ("fp16", "bf16"):  # after the copies, which stay float32
         teacher.to(torch.float16 if args.mixed_precision == "fp16" else torch.bfloat16)
     targets = None
-    if args.fake_lora_rank:  # LCM-LoRA's targets, those this UNet has
-        names = [n for n, _ in fake_unet.named_modules()]
-        targets = [t for t in LCM_LORA_TARGET_MODULES if any(n == t or n.endswith("." + t) for n in names)]
+    if args.fake_lora_rank:  # on LCM-LoRA's targets
+        targets = lcm_lora_targets(fake_unet)
         fake_params = add_lora(fake_unet, args.fake_lora_rank, targets)
     else:
         fake_params = list(fake_unet.parameters())

@@ -129,6 +129,12 @@ def parse_args(argv=None):
     return args
 
 
+def lcm_lora_targets(unet) -> list:
+    """LCM-LoRA's target modules, less those this UNet does not have (a small UNet may lack conv_shortcut)."""
+    names = [n for n, _ in unet.named_modules()]
+    return [t for t in LCM_LORA_TARGET_MODULES if any(n == t or n.endswith("." + t) for n in names)]
+
+
 def build_lcm_student(teacher_unet, time_cond_proj_dim: int = 256):
     """The full LCM student: the teacher's `UNet2DConditionModel` with a guidance embedding (``time_cond_proj_dim``,
     kept from the teacher if it has one), every teacher weight copied and the new guidance projection
@@ -189,9 +195,8 @@ def build_plan(args, teacher_model):
         student = copy_unet(teacher)
         if args.lora_target_modules is not None:
             targets = [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]
-        else:  # LCM-LoRA's list, less what this UNet does not have (a small UNet may lack conv_shortcut)
-            names = [n for n, _ in student.named_modules()]
-            targets = [t for t in LCM_LORA_TARGET_MODULES if any(n == t or n.endswith("." + t) for n in names)]
+        else:
+            targets = lcm_lora_targets(student)
         params = add_lora(student, args.lora_rank, targets)
         time_cond_proj_dim = None
     else:
