@@ -1,6 +1,8 @@
 """What the text-to-image distillation scripts (``distill_lcm.py``, ``distill_dmd.py`` on a Stable Diffusion teacher)
-share: the teacher and the pairs it memorized, with every image encoded by the VAE once; prompts sampled through a
-pipeline around the trained UNet (validation images, memorization tracking); and the memorization curve they log."""
+share: their prompt-sampling flags; the teacher and the pairs it memorized, with every image encoded by the VAE once;
+and the memorization tracked during distillation (`pixel_memorization_track`) and logged as a curve
+(`memorization_tracker`). Sampling prompts through a pipeline around a trained UNet is `training.utils`'s
+`sample_prompts`, which the fine-tuning script uses too."""
 
 from __future__ import annotations
 
