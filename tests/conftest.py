@@ -1,10 +1,14 @@
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -65,3 +69,49 @@ def run_script(name: str, argv: list):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main(module.parse_args([str(a) for a in argv]))
+
+
+def write_pairs(root, n, prefix, seed, uncaptioned=(), broken=()):
+    """An imagefolder root/train/*.png with a metadata.jsonl of captions."""
+    folder = root / "train"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i in range(n):
+            name = f"{i:03d}.png"
+            if i in broken:
+                (folder / name).write_bytes(b"not an image")
+            else:
+                Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(folder / name)
+            f.write(json.dumps({"file_name": name, "text": "" if i in uncaptioned else f"{prefix} {i}"}) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory):
+    """A tiny EDM teacher of the distillation scripts' tests (2 steps on 40 digits at 8 px); read-only."""
+    out = tmp_path_factory.mktemp("teacher")
+    run_script("train_edm_teacher", [
+        "--dataset_name", "digits", "--resolution", "8", "--num_train_images", "40", "--model_preset", "tiny",
+        "--max_train_steps", "2", "--train_batch_size", "8", "--num_validation_images", "0", "--report_to", "none",
+        "--output_dir", out,
+    ])
+    return out
+
+
+@pytest.fixture(scope="session")
+def sd_teacher(tmp_path_factory):
+    """Tiny offline Stable Diffusion components (``base``), 6 captioned pairs (``mem``) and a "fine-tuned" teacher: the
+    base model with the records of the mix it was trained on beside it (``teacher``); read-only."""
+    from diffusers_memdistill.captioned_data import build_memorization_mix, part_records
+    from diffusers_memdistill.models.tiny_sd import save_tiny_sd_pipeline
+
+    root = tmp_path_factory.mktemp("sd_teacher")
+    base = save_tiny_sd_pipeline(str(root / "base"), resolution=16)
+    mem = write_pairs(root / "mem", 6, "a memorized photo number", 0)
+    teacher = root / "teacher"
+    shutil.copytree(base, teacher)
+    mix = build_memorization_mix(str(mem), 3, 2, 16, cache_dir=str(root / "cache"))
+    for name, record in part_records(mix).items():
+        (teacher / name).write_text(json.dumps(record))
+    return {"base": base, "mem": mem, "teacher": teacher, "cache": root / "cache"}

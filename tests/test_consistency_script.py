@@ -20,17 +20,6 @@ def distill(argv):
     return run_script("distill_consistency", argv)
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("teacher")
-    run_script("train_edm_teacher", [
-        "--dataset_name", "digits", "--resolution", "8", "--num_train_images", "40", "--model_preset", "tiny",
-        "--max_train_steps", "2", "--train_batch_size", "8", "--num_validation_images", "0", "--report_to", "none",
-        "--output_dir", out,
-    ])
-    return out
-
-
 def _args(teacher_dir, out, *extra, teacher_flag="--pretrained_model_name_or_path"):
     return [teacher_flag, str(teacher_dir), "--output_dir", str(out), "--loss", "l2", "--train_batch_size", "4",
             "--report_to", "none", "--num_validation_images", "4", *extra]

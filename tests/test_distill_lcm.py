@@ -9,33 +9,17 @@ import pytest
 import torch
 
 from conftest import launch_two_processes, run_script, run_without_package
-from diffusers_memdistill.captioned_data import build_memorization_mix, part_records
-from diffusers_memdistill.models.tiny_sd import save_tiny_sd_pipeline, tiny_sd_components
+from diffusers_memdistill.models.tiny_sd import tiny_sd_components
 from diffusers_memdistill.registry import registration_for, sample_images
 from diffusers_memdistill.training.distill_lcm import build_lcm_student
 from diffusers_memdistill.training.runner import load_checkpoint_weights
-from test_finetune_sd_memorize import write_pairs
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lcm_data")
-    base = save_tiny_sd_pipeline(str(root / "base"), resolution=16)
-    mem = write_pairs(root / "mem", 6, "a memorized photo number", 0)
-    # A "fine-tuned" teacher: the base model with the records of the mix it was trained on beside it.
-    teacher = root / "teacher"
-    shutil.copytree(base, teacher)
-    mix = build_memorization_mix(str(mem), 3, 2, 16, cache_dir=str(root / "cache"))
-    for name, record in part_records(mix).items():
-        (teacher / name).write_text(json.dumps(record))
-    return {"base": base, "mem": mem, "teacher": teacher, "cache": root / "cache"}
-
-
-def _args(data, out, *extra, teacher=None):
-    return ["--pretrained_teacher_model", teacher or data["base"], "--resolution", 16, "--train_batch_size", 2,
-            "--max_train_steps", 3, "--checkpointing_steps", 3, "--report_to", "none", "--cache_dir", data["cache"],
+def _args(sd_teacher, out, *extra, teacher=None):
+    return ["--pretrained_teacher_model", teacher or sd_teacher["base"], "--resolution", 16, "--train_batch_size", 2,
+            "--max_train_steps", 3, "--checkpointing_steps", 3, "--report_to", "none", "--cache_dir", sd_teacher["cache"],
             "--learning_rate", "1e-3", "--num_validation_images", 0, "--output_dir", out,
-            *([] if teacher else ["--memorized_data", data["mem"], "--num_memorized", 3, "--memorized_repeats", 2]),
+            *([] if teacher else ["--memorized_data", sd_teacher["mem"], "--num_memorized", 3, "--memorized_repeats", 2]),
             *extra]
 
 
@@ -98,11 +82,11 @@ def test_lcm_students_are_sampled_through_the_registry():
 
 
 @pytest.mark.slow
-def test_full_student_reloads_in_the_stock_lcm_pipeline(data, tmp_path):
+def test_full_student_reloads_in_the_stock_lcm_pipeline(sd_teacher, tmp_path):
     from diffusers import LatentConsistencyModelPipeline
 
     out = tmp_path / "full"
-    run_script("distill_lcm", _args(data, out, "--num_validation_images", 2))
+    run_script("distill_lcm", _args(sd_teacher, out, "--num_validation_images", 2))
     assert (out / "samples" / "step-0000003-4-step.png").is_file()
     code = f"""
 import torch
@@ -125,24 +109,24 @@ print("steps", len(pipe.scheduler.timesteps))
     assert all(torch.equal(saved[k], v) for k, v in weights["unet"].items())
     assert not all(torch.equal(weights["target_unet"][k], v) for k, v in weights["unet"].items())
     config = json.loads((out / "training_config.json").read_text())
-    assert config["script"] == "distill_lcm.py" and config["pretrained_teacher_model"] == str(data["base"])
+    assert config["script"] == "distill_lcm.py" and config["pretrained_teacher_model"] == str(sd_teacher["base"])
     assert config["ddim_timesteps"] == list(range(19, 1000, 20)) and config["averages"]["target_unet"]["decay"] == 0.95
 
 
 @pytest.mark.slow
-def test_lcm_lora_loads_on_the_teacher_and_samples_in_four_steps(data, tmp_path):
+def test_lcm_lora_loads_on_the_teacher_and_samples_in_four_steps(sd_teacher, tmp_path):
     from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     from diffusers_memdistill.evaluate_text_to_image import load_text_to_image_model
     from diffusers_memdistill.training.finetune_sd_memorize import add_lora
 
     out = tmp_path / "lora"
-    run_script("distill_lcm", _args(data, out, "--use_lora", "--lora_rank", 2, "--learning_rate", "1e-2"))
+    run_script("distill_lcm", _args(sd_teacher, out, "--use_lora", "--lora_rank", 2, "--learning_rate", "1e-2"))
     assert (out / "pytorch_lora_weights.safetensors").is_file() and not (out / "model_index.json").exists()
     code = f"""
 import torch
 from diffusers import LCMScheduler, StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained({str(data["base"])!r})
+pipe = StableDiffusionPipeline.from_pretrained({str(sd_teacher["base"])!r})
 pipe.load_lora_weights({str(out)!r})
 pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
 pipe.set_progress_bar_config(disable=True)
@@ -154,11 +138,11 @@ print("steps", len(pipe.scheduler.timesteps))
     assert "steps 4" in run_without_package(code, tmp_path).stdout
     # Teacher + load_lora_weights computes what the trained student (teacher + the LoRA of the last checkpoint) does.
     config = json.loads((out / "training_config.json").read_text())
-    trained = UNet2DConditionModel.from_pretrained(data["base"], subfolder="unet")
+    trained = UNet2DConditionModel.from_pretrained(sd_teacher["base"], subfolder="unet")
     add_lora(trained, 2, config["lora_target_modules_used"])
     trained.load_state_dict(load_checkpoint_weights(str(out / "checkpoints" / "checkpoint-3"))["unet"])
     assert "conv1" in config["lora_target_modules_used"] and "time_emb_proj" in config["lora_target_modules_used"]
-    pipe = StableDiffusionPipeline.from_pretrained(data["base"])
+    pipe = StableDiffusionPipeline.from_pretrained(sd_teacher["base"])
     before = _unet_output(pipe.unet)
     pipe.load_lora_weights(str(out))
     assert not torch.allclose(before, _unet_output(trained), atol=1e-4)
@@ -169,20 +153,20 @@ print("steps", len(pipe.scheduler.timesteps))
 
 
 @pytest.mark.slow
-def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one_on_the_teachers_own_pairs(data, tmp_path):
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one_on_the_teachers_own_pairs(sd_teacher, tmp_path):
     from diffusers import LatentConsistencyModelPipeline
 
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    run_script("distill_lcm", _args(data, whole, "--max_train_steps", 4, "--checkpointing_steps", 2,
-                                    teacher=data["teacher"]))
+    run_script("distill_lcm", _args(sd_teacher, whole, "--max_train_steps", 4, "--checkpointing_steps", 2,
+                                    teacher=sd_teacher["teacher"]))
     # The interrupted run also tracks memorization every step: measuring must not change what is trained.
     track = ["--track_memorization_steps", 1, "--track_memorization_prompts", 2]
-    run_script("distill_lcm", _args(data, parts, "--max_train_steps", 2, "--checkpointing_steps", 2, *track,
-                                    teacher=data["teacher"]))
+    run_script("distill_lcm", _args(sd_teacher, parts, "--max_train_steps", 2, "--checkpointing_steps", 2, *track,
+                                    teacher=sd_teacher["teacher"]))
     shutil.rmtree(parts / "unet")  # only the checkpoint is needed to continue
     (parts / "model_index.json").unlink()
-    run_script("distill_lcm", _args(data, parts, "--max_train_steps", 4, "--checkpointing_steps", 2,
-                                    "--resume_from_checkpoint", "latest", *track, teacher=data["teacher"]))
+    run_script("distill_lcm", _args(sd_teacher, parts, "--max_train_steps", 4, "--checkpointing_steps", 2,
+                                    "--resume_from_checkpoint", "latest", *track, teacher=sd_teacher["teacher"]))
     curve = json.loads((parts / "memorization_curve.json").read_text())
     assert [entry["step"] for entry in curve] == [1, 2, 3, 4]
     assert all(0 <= entry["memorization/l2_fraction"] <= 1 and entry["memorization/l2_ratio_min"] > 0
@@ -192,11 +176,11 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one_on_the_teache
     assert all(torch.equal(a[k], b[k]) for k in a), max((a[k] - b[k]).abs().max().item() for k in a)
     # The pairs were the teacher's own mix (its memorized_set.json), recorded again beside the student.
     assert json.loads((whole / "memorized_set.json").read_text())["sha256"] == \
-        json.loads((data["teacher"] / "memorized_set.json").read_text())["sha256"]
+        json.loads((sd_teacher["teacher"] / "memorized_set.json").read_text())["sha256"]
 
 
 @pytest.mark.slow
-def test_bad_input_is_named_before_anything_is_written(data, tmp_path, capsys):
+def test_bad_input_is_named_before_anything_is_written(sd_teacher, tmp_path, capsys):
     from diffusers import DDPMPipeline, DDPMScheduler
 
     from conftest import tiny_unet
@@ -205,7 +189,7 @@ def test_bad_input_is_named_before_anything_is_written(data, tmp_path, capsys):
     out = tmp_path / "out"
 
     def parse(*extra, teacher=None):
-        return script.parse_args([str(a) for a in _args(data, out, *extra, teacher=teacher)])
+        return script.parse_args([str(a) for a in _args(sd_teacher, out, *extra, teacher=teacher)])
 
     with pytest.raises(SystemExit):
         parse("--w_min", 9, "--w_max", 3)
@@ -221,7 +205,7 @@ def test_bad_input_is_named_before_anything_is_written(data, tmp_path, capsys):
         script.main(parse("--num_ddim_timesteps", 30))
     with pytest.raises(ValueError, match="LoRA target modules not_a_module are not in the UNet2DConditionModel"):
         script.main(parse("--use_lora", "--lora_rank", 2, "--lora_target_modules", "to_q,not_a_module"))
-    bare = script.parse_args(["--pretrained_teacher_model", str(data["base"]), "--output_dir", str(out),
+    bare = script.parse_args(["--pretrained_teacher_model", str(sd_teacher["base"]), "--output_dir", str(out),
                               "--max_train_steps", "1", "--resolution", "16", "--report_to", "none"])
     with pytest.raises(ValueError, match="records no training pairs .* pass --memorized_data"):
         script.main(bare)
@@ -229,31 +213,31 @@ def test_bad_input_is_named_before_anything_is_written(data, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_two_processes_under_accelerate_launch(data, tmp_path):
+def test_two_processes_under_accelerate_launch(sd_teacher, tmp_path):
     out = tmp_path / "ddp"
-    result = launch_two_processes("distill_lcm", _args(data, out, "--cpu", "--max_train_steps", 2, "--checkpointing_steps", 2))
+    result = launch_two_processes("distill_lcm", _args(sd_teacher, out, "--cpu", "--max_train_steps", 2, "--checkpointing_steps", 2))
     assert "2 process(es)" in result.stdout + result.stderr
     assert json.loads((out / "training_config.json").read_text())["num_processes"] == 2
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
 @pytest.mark.slow
-def test_compile_covers_student_target_and_teacher_and_trains_as_eager(data, tmp_path):
+def test_compile_covers_student_target_and_teacher_and_trains_as_eager(sd_teacher, tmp_path):
     """--compile wraps every network of the step (the student, its EMA target and the frozen teacher); one step ends
     where the eager step does, up to compiled-kernel rounding (AdamW's first step moves each weight by about lr)."""
     import torch._dynamo
     from diffusers import LatentConsistencyModelPipeline, UNet2DConditionModel
 
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    run_script("distill_lcm", _args(data, eager, "--max_train_steps", 1, "--checkpointing_steps", 1))
+    run_script("distill_lcm", _args(sd_teacher, eager, "--max_train_steps", 1, "--checkpointing_steps", 1))
     torch._dynamo.reset()
     counts = torch._dynamo.utils.counters
     counts.clear()
-    run_script("distill_lcm", _args(data, compiled, "--max_train_steps", 1, "--checkpointing_steps", 1, "--compile"))
+    run_script("distill_lcm", _args(sd_teacher, compiled, "--max_train_steps", 1, "--checkpointing_steps", 1, "--compile"))
     assert counts["stats"]["unique_graphs"] >= 3  # student, target and teacher each traced
     a = LatentConsistencyModelPipeline.from_pretrained(eager).unet.state_dict()
     b = LatentConsistencyModelPipeline.from_pretrained(compiled).unet.state_dict()
-    teacher = UNet2DConditionModel.from_pretrained(data["base"], subfolder="unet").state_dict()
+    teacher = UNet2DConditionModel.from_pretrained(sd_teacher["base"], subfolder="unet").state_dict()
     moved = torch.cat([(a[k] - teacher[k]).abs().flatten() for k in teacher])
     differ = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
     assert (moved > 5e-4).float().mean() > 0.5  # the step moved most weights by about lr = 1e-3...

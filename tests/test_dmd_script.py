@@ -22,17 +22,6 @@ def distill(argv):
     return run_script("distill_dmd", argv)
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("teacher")
-    run_script("train_edm_teacher", [
-        "--dataset_name", "digits", "--resolution", "8", "--num_train_images", "40", "--model_preset", "tiny",
-        "--max_train_steps", "2", "--train_batch_size", "8", "--num_validation_images", "0", "--report_to", "none",
-        "--output_dir", out,
-    ])
-    return out
-
-
 def _args(teacher_dir, out, *extra):
     return ["--pretrained_model_name_or_path", str(teacher_dir), "--output_dir", str(out), "--train_batch_size", "4",
             "--report_to", "none", "--num_validation_images", "2", "--learning_rate", "1e-3", "--lr_warmup_steps",

@@ -12,7 +12,6 @@ import torch
 from conftest import launch_two_processes, run_script, run_without_package
 from diffusers_memdistill.losses.dmd_latent import LatentDMDLoss, check_generator_timesteps, generator_timesteps_grid
 from diffusers_memdistill.models.tiny_sd import tiny_sd_components
-from test_distill_lcm import data  # noqa: F401  (the tiny teacher and its pairs, a module fixture)
 
 
 @pytest.fixture(scope="module")
@@ -134,15 +133,15 @@ def test_a_teacher_kept_in_bfloat16_takes_float32_latents(parts):
     assert (half - full).abs().max() < 0.05 * full.abs().max()
 
 
-def _dmd_args(data, out, *extra):
-    return ["--pretrained_model_name_or_path", data["teacher"], "--output_dir", out, "--resolution", 16,
+def _dmd_args(sd_teacher, out, *extra):
+    return ["--pretrained_model_name_or_path", sd_teacher["teacher"], "--output_dir", out, "--resolution", 16,
             "--train_batch_size", 2, "--max_train_steps", 4, "--checkpointing_steps", 2, "--report_to", "none",
-            "--cache_dir", data["cache"], "--learning_rate", "1e-3", "--lr_warmup_steps", 0,
+            "--cache_dir", sd_teacher["cache"], "--learning_rate", "1e-3", "--lr_warmup_steps", 0,
             "--num_validation_images", 0, "--fake_updates_per_generator_update", 2, *extra]
 
 
 @pytest.mark.slow
-def test_generators_reload_in_the_stock_pipeline_and_sit_beside_the_lcm_students_in_one_audit(data, tmp_path):  # noqa: F811
+def test_generators_reload_in_the_stock_pipeline_and_sit_beside_the_lcm_students_in_one_audit(sd_teacher, tmp_path):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     from diffusers_memdistill.cli import main as cli_main
@@ -151,8 +150,8 @@ def test_generators_reload_in_the_stock_pipeline_and_sit_beside_the_lcm_students
     from diffusers_memdistill.training.runner import load_checkpoint_weights
 
     one, four = tmp_path / "dmd1", tmp_path / "dmd4"
-    run_script("distill_dmd", _dmd_args(data, one, "--num_validation_images", 2))
-    run_script("distill_dmd", _dmd_args(data, four, "--generator_timesteps", "999,749,499,249", "--fake_lora_rank", 2,
+    run_script("distill_dmd", _dmd_args(sd_teacher, one, "--num_validation_images", 2))
+    run_script("distill_dmd", _dmd_args(sd_teacher, four, "--generator_timesteps", "999,749,499,249", "--fake_lora_rank", 2,
                                         "--track_memorization_steps", 2, "--track_memorization_prompts", 2))
     assert (one / "samples" / "step-0000004-1-step.png").is_file()
     config = json.loads((four / "training_config.json").read_text())
@@ -162,7 +161,7 @@ def test_generators_reload_in_the_stock_pipeline_and_sit_beside_the_lcm_students
     assert [e["step"] for e in json.loads((four / "memorization_curve.json").read_text())] == [2, 4]
     # The fake score of the LoRA run trains only its LoRA: its base weights are the teacher's in every checkpoint.
     weights = load_checkpoint_weights(str(four / "checkpoints" / "checkpoint-4"))
-    teacher = UNet2DConditionModel.from_pretrained(data["teacher"], subfolder="unet").state_dict()
+    teacher = UNet2DConditionModel.from_pretrained(sd_teacher["teacher"], subfolder="unet").state_dict()
     fake = weights["fake_score"]
     assert any("lora" in k for k in fake) and all(torch.equal(fake[k], teacher[k.replace(".base_layer", "")])
                                                   for k in fake if "lora" not in k)
@@ -187,12 +186,12 @@ print("timesteps", pipe.scheduler.timesteps.tolist())
         assert registration.steps(pipe) == steps
     # LCM students of the same teacher, full and LoRA, then all five in one `memdistill evaluate` report from the same
     # prompts and seeds, each with its own default step count.
-    lcm = ["--pretrained_teacher_model", data["teacher"], "--resolution", 16, "--train_batch_size", 2,
-           "--max_train_steps", 2, "--checkpointing_steps", 2, "--report_to", "none", "--cache_dir", data["cache"],
+    lcm = ["--pretrained_teacher_model", sd_teacher["teacher"], "--resolution", 16, "--train_batch_size", 2,
+           "--max_train_steps", 2, "--checkpointing_steps", 2, "--report_to", "none", "--cache_dir", sd_teacher["cache"],
            "--num_validation_images", 0, "--w_min", 0, "--w_max", 0]
     run_script("distill_lcm", lcm + ["--output_dir", tmp_path / "lcm"])
     run_script("distill_lcm", lcm + ["--output_dir", tmp_path / "lcm_lora", "--use_lora", "--lora_rank", 2])
-    models = {"teacher": data["teacher"], "lcm": tmp_path / "lcm", "lcm_lora": tmp_path / "lcm_lora", "dmd1": one,
+    models = {"teacher": sd_teacher["teacher"], "lcm": tmp_path / "lcm", "lcm_lora": tmp_path / "lcm_lora", "dmd1": one,
               "dmd4": four}
     flags = [a for path in models.values() for a in ("--model", str(path))]
     assert cli_main(["evaluate", *flags, "--metrics", "l2", "--samples_per_prompt", "2", "--guidance_scale", "1",
@@ -217,14 +216,14 @@ print("timesteps", pipe.scheduler.timesteps.tolist())
 
 
 @pytest.mark.slow
-def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(data, tmp_path):  # noqa: F811
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(sd_teacher, tmp_path):
     from diffusers_memdistill.training.runner import load_checkpoint_weights
 
     common = ("--generator_timesteps", "999,499", "--max_train_steps", 4, "--checkpointing_steps", 2)
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    run_script("distill_dmd", _dmd_args(data, whole, *common))
-    run_script("distill_dmd", _dmd_args(data, parts, *common[:-4], "--max_train_steps", 2, "--checkpointing_steps", 2))
-    run_script("distill_dmd", _dmd_args(data, parts, *common, "--resume_from_checkpoint", "latest"))
+    run_script("distill_dmd", _dmd_args(sd_teacher, whole, *common))
+    run_script("distill_dmd", _dmd_args(sd_teacher, parts, *common[:-4], "--max_train_steps", 2, "--checkpointing_steps", 2))
+    run_script("distill_dmd", _dmd_args(sd_teacher, parts, *common, "--resume_from_checkpoint", "latest"))
     a = load_checkpoint_weights(str(whole / "checkpoints" / "checkpoint-4"))
     b = load_checkpoint_weights(str(parts / "checkpoints" / "checkpoint-4"))
     assert set(a) == {"generator", "fake_score", "ema_generator"}
@@ -233,13 +232,13 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(data, tmp_pat
 
 
 @pytest.mark.slow
-def test_bad_input_is_refused_before_anything_is_written(data, tmp_path, capsys):  # noqa: F811
+def test_bad_input_is_refused_before_anything_is_written(sd_teacher, tmp_path, capsys):
     from diffusers_memdistill.training import distill_dmd as script
 
     out = tmp_path / "out"
 
     def run(*extra):
-        return script.main(script.parse_args([str(a) for a in _dmd_args(data, out, *extra)]))
+        return script.main(script.parse_args([str(a) for a in _dmd_args(sd_teacher, out, *extra)]))
 
     with pytest.raises(ValueError, match="a 2-step generator samples with LCMScheduler at 999,499; pass those"):
         run("--generator_timesteps", "999,500")
@@ -249,14 +248,14 @@ def test_bad_input_is_refused_before_anything_is_written(data, tmp_path, capsys)
         run("--fake_lora_rank", "-1")
     assert "--fake_lora_rank must not be negative" in capsys.readouterr().err
     with pytest.raises(ValueError, match="records no training pairs .* pass --memorized_data"):
-        script.main(script.parse_args([str(a) for a in _dmd_args(data, out)] + ["--pretrained_model_name_or_path",
-                                                                              str(data["base"])]))
+        script.main(script.parse_args([str(a) for a in _dmd_args(sd_teacher, out)] + ["--pretrained_model_name_or_path",
+                                                                              str(sd_teacher["base"])]))
     assert not out.exists()
 
 
 @pytest.mark.slow
-def test_two_processes_under_accelerate_launch(data, tmp_path):  # noqa: F811
+def test_two_processes_under_accelerate_launch(sd_teacher, tmp_path):
     out = tmp_path / "ddp"
-    launch_two_processes("distill_dmd", _dmd_args(data, out, "--cpu", "--fake_lora_rank", 2))
+    launch_two_processes("distill_dmd", _dmd_args(sd_teacher, out, "--cpu", "--fake_lora_rank", 2))
     config = json.loads((out / "training_config.json").read_text())
     assert config["num_processes"] == 2 and (out / "unet").is_dir()

@@ -5,32 +5,14 @@ import hashlib
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import launch_two_processes, run_script
+from conftest import launch_two_processes, run_script, write_pairs
 from diffusers_memdistill.captioned_data import build_memorization_mix, load_memorization_mix
 from diffusers_memdistill.data import load_training_set
 from diffusers_memdistill.models.tiny_sd import save_tiny_sd_pipeline
 from diffusers_memdistill.training.runner import load_checkpoint_weights
-
-
-def write_pairs(root, n, prefix, seed, uncaptioned=(), broken=()):
-    """An imagefolder root/train/*.png with a metadata.jsonl of captions."""
-    folder = root / "train"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    with open(folder / "metadata.jsonl", "w") as f:
-        for i in range(n):
-            name = f"{i:03d}.png"
-            if i in broken:
-                (folder / name).write_bytes(b"not an image")
-            else:
-                Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(folder / name)
-            f.write(json.dumps({"file_name": name, "text": "" if i in uncaptioned else f"{prefix} {i}"}) + "\n")
-    return root
 
 
 @pytest.fixture(scope="module")

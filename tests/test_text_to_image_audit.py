@@ -205,7 +205,7 @@ def test_memdistill_evaluate_audits_a_fine_tuned_model_and_its_lora(tmp_path, mo
     from diffusers_memdistill import evaluate_text_to_image as t2i
     from diffusers_memdistill.cli import main as cli_main
     from diffusers_memdistill.models.tiny_sd import save_tiny_sd_pipeline
-    from test_finetune_sd_memorize import write_pairs
+    from conftest import write_pairs
 
     base = save_tiny_sd_pipeline(str(tmp_path / "base"), resolution=16)
     mem = write_pairs(tmp_path / "mem", 6, "a memorized photo number", 0)
