@@ -17,9 +17,11 @@ from diffusers_memdistill.training.runner import load_checkpoint_weights
 
 def _args(sd_teacher, out, *extra, teacher=None):
     return ["--pretrained_teacher_model", teacher or sd_teacher["base"], "--resolution", 16, "--train_batch_size", 2,
-            "--max_train_steps", 3, "--checkpointing_steps", 3, "--report_to", "none", "--cache_dir", sd_teacher["cache"],
+            "--max_train_steps", 3, "--checkpointing_steps", 3, "--report_to", "none",
+            "--cache_dir", sd_teacher["cache"],
             "--learning_rate", "1e-3", "--num_validation_images", 0, "--output_dir", out,
-            *([] if teacher else ["--memorized_data", sd_teacher["mem"], "--num_memorized", 3, "--memorized_repeats", 2]),
+            *([] if teacher else ["--memorized_data", sd_teacher["mem"], "--num_memorized", 3,
+                                  "--memorized_repeats", 2]),
             *extra]
 
 
@@ -215,7 +217,8 @@ def test_bad_input_is_named_before_anything_is_written(sd_teacher, tmp_path, cap
 @pytest.mark.slow
 def test_two_processes_under_accelerate_launch(sd_teacher, tmp_path):
     out = tmp_path / "ddp"
-    result = launch_two_processes("distill_lcm", _args(sd_teacher, out, "--cpu", "--max_train_steps", 2, "--checkpointing_steps", 2))
+    result = launch_two_processes("distill_lcm", _args(sd_teacher, out, "--cpu", "--max_train_steps", 2,
+                                                       "--checkpointing_steps", 2))
     assert "2 process(es)" in result.stdout + result.stderr
     assert json.loads((out / "training_config.json").read_text())["num_processes"] == 2
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
@@ -233,7 +236,8 @@ def test_compile_covers_student_target_and_teacher_and_trains_as_eager(sd_teache
     torch._dynamo.reset()
     counts = torch._dynamo.utils.counters
     counts.clear()
-    run_script("distill_lcm", _args(sd_teacher, compiled, "--max_train_steps", 1, "--checkpointing_steps", 1, "--compile"))
+    run_script("distill_lcm", _args(sd_teacher, compiled, "--max_train_steps", 1, "--checkpointing_steps", 1,
+                                    "--compile"))
     assert counts["stats"]["unique_graphs"] >= 3  # student, target and teacher each traced
     a = LatentConsistencyModelPipeline.from_pretrained(eager).unet.state_dict()
     b = LatentConsistencyModelPipeline.from_pretrained(compiled).unet.state_dict()

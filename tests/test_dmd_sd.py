@@ -151,8 +151,9 @@ def test_generators_reload_in_the_stock_pipeline_and_sit_beside_the_lcm_students
 
     one, four = tmp_path / "dmd1", tmp_path / "dmd4"
     run_script("distill_dmd", _dmd_args(sd_teacher, one, "--num_validation_images", 2))
-    run_script("distill_dmd", _dmd_args(sd_teacher, four, "--generator_timesteps", "999,749,499,249", "--fake_lora_rank", 2,
-                                        "--track_memorization_steps", 2, "--track_memorization_prompts", 2))
+    run_script("distill_dmd", _dmd_args(sd_teacher, four, "--generator_timesteps", "999,749,499,249",
+                                        "--fake_lora_rank", 2, "--track_memorization_steps", 2,
+                                        "--track_memorization_prompts", 2))
     assert (one / "samples" / "step-0000004-1-step.png").is_file()
     config = json.loads((four / "training_config.json").read_text())
     assert config["script"] == "distill_dmd.py" and config["generator_timesteps"] == [999, 749, 499, 249]
