@@ -188,7 +188,8 @@ print("timesteps", pipe.scheduler.timesteps.tolist())
     # LCM students of the same teacher, full and LoRA, then all five in one `memdistill evaluate` report from the same
     # prompts and seeds, each with its own default step count.
     lcm = ["--pretrained_teacher_model", sd_teacher["teacher"], "--resolution", 16, "--train_batch_size", 2,
-           "--max_train_steps", 2, "--checkpointing_steps", 2, "--report_to", "none", "--cache_dir", sd_teacher["cache"],
+           "--max_train_steps", 2, "--checkpointing_steps", 2, "--report_to", "none",
+           "--cache_dir", sd_teacher["cache"],
            "--num_validation_images", 0, "--w_min", 0, "--w_max", 0]
     run_script("distill_lcm", lcm + ["--output_dir", tmp_path / "lcm"])
     run_script("distill_lcm", lcm + ["--output_dir", tmp_path / "lcm_lora", "--use_lora", "--lora_rank", 2])
@@ -220,11 +221,12 @@ print("timesteps", pipe.scheduler.timesteps.tolist())
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(sd_teacher, tmp_path):
     from diffusers_memdistill.training.runner import load_checkpoint_weights
 
-    common = ("--generator_timesteps", "999,499", "--max_train_steps", 4, "--checkpointing_steps", 2)
+    steps = ("--generator_timesteps", "999,499", "--checkpointing_steps", 2)
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    run_script("distill_dmd", _dmd_args(sd_teacher, whole, *common))
-    run_script("distill_dmd", _dmd_args(sd_teacher, parts, *common[:-4], "--max_train_steps", 2, "--checkpointing_steps", 2))
-    run_script("distill_dmd", _dmd_args(sd_teacher, parts, *common, "--resume_from_checkpoint", "latest"))
+    run_script("distill_dmd", _dmd_args(sd_teacher, whole, *steps, "--max_train_steps", 4))
+    run_script("distill_dmd", _dmd_args(sd_teacher, parts, *steps, "--max_train_steps", 2))
+    run_script("distill_dmd", _dmd_args(sd_teacher, parts, *steps, "--max_train_steps", 4,
+                                        "--resume_from_checkpoint", "latest"))
     a = load_checkpoint_weights(str(whole / "checkpoints" / "checkpoint-4"))
     b = load_checkpoint_weights(str(parts / "checkpoints" / "checkpoint-4"))
     assert set(a) == {"generator", "fake_score", "ema_generator"}

@@ -33,7 +33,8 @@ def add_training_args(parser: argparse.ArgumentParser, learning_rate: float, tra
                    help="Run on the CPU even where a GPU is present; several processes then talk through gloo "
                         "(e.g. `accelerate launch --multi_gpu --num_processes 2 SCRIPT --cpu`).")
     g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls and convolutions on Ampere+ GPUs.")
-    g.add_argument("--compile", action="store_true", help="torch.compile every network of the training step (trained, averaged and frozen).")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile every network of the training step (trained, averaged and frozen).")
     g.add_argument("--gradient_checkpointing", action="store_true",
                    help="Recompute activations in the backward pass (less memory, slower).")
 

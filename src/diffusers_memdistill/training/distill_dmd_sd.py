@@ -11,7 +11,8 @@ a LoRA on a frozen copy). Each step: the fake score takes one AdamW step of the 
 detached generator latents; every --fake_updates_per_generator_update steps the generator takes one step of the
 distribution-matching loss against the frozen teacher, guided by --real_guidance_scale (DMD2: 1.75 for SD v1.5) with
 the empty prompt as its unconditional branch (`losses.dmd_latent.LatentDMDLoss`). Prompts are the captions of the pairs
-(the teacher's own memorization mix by default), each encoded once; DMD needs no images, and none is decoded in training.
+(the teacher's own memorization mix by default), each encoded once; DMD needs no images, and none is decoded in
+training.
 
 The saved generator is the EMA of its weights as a diffusers `StableDiffusionPipeline` whose scheduler is an
 `LCMScheduler` with ``original_inference_steps`` = the generator's step count, so that without this package
