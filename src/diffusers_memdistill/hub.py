@@ -495,27 +495,21 @@ def _text_to_image_results(results: dict) -> dict:
     statistics against the whole training set (pixel L2 nearest-neighbour ratio, SSCD nearest similarity: the
     criterion the floor row of held-out real images also has) and the CLIP score."""
 
-    def nearest(section, key):
-        value = section.get(key) if isinstance(section, dict) else None
-        if not isinstance(value, dict):
-            return None
-        if key == "sscd":
-            return {p: v["nearest"] for p, v in value.items() if isinstance(v, dict) and isinstance(v.get("nearest"),
-                                                                                                  dict)} or None
-        return value.get("nearest") if isinstance(value.get("nearest"), dict) else None
-
-    def flat(entry, part, prompt_set):
-        section = entry.get(part)
-        if not isinstance(section, dict):
-            return None
-        row = {k: entry[k] for k in ("steps", "path", "kind") if k in entry}
-        row["prompt_set"] = prompt_set
-        for key in ("l2", "sscd"):
-            if nearest(section, key) is not None:
-                row[key] = nearest(section, key)
+    def measures(section) -> dict:
+        """The statistics against the whole training set (``nearest``) of a section, and its CLIP score."""
+        out = {}
+        l2 = section.get("l2")
+        if isinstance(l2, dict) and isinstance(l2.get("nearest"), dict):
+            out["l2"] = l2["nearest"]
+        sscd = section.get("sscd")
+        if isinstance(sscd, dict):
+            per_preprocessing = {p: v["nearest"] for p, v in sscd.items()
+                                 if isinstance(v, dict) and isinstance(v.get("nearest"), dict)}
+            if per_preprocessing:
+                out["sscd"] = per_preprocessing
         if isinstance(section.get("clip"), dict):
-            row["clip"] = section["clip"]
-        return row
+            out["clip"] = section["clip"]
+        return out
 
     models = {}
     for name, entry in results["models"].items():
@@ -523,14 +517,10 @@ def _text_to_image_results(results: dict) -> dict:
             raise MalformedMetricsError(f"models[{name!r}] is a {type(entry).__name__}, not an object")
         for part, prompt_set, row_name in (("training", "training prompts", name),
                                            ("heldout", "held-out prompts", f"{name}, held-out prompts")):
-            row = flat(entry, part, prompt_set)
-            if row is not None:
-                models[row_name] = row
-    floor = results.get("floor")
-    if isinstance(floor, dict):
-        floor = {k: nearest(floor, k) for k in ("l2", "sscd") if nearest(floor, k) is not None}
-        if isinstance(results["floor"].get("clip"), dict):
-            floor["clip"] = results["floor"]["clip"]
+            if isinstance(entry.get(part), dict):
+                models[row_name] = {**{k: entry[k] for k in ("steps", "path", "kind") if k in entry},
+                                    "prompt_set": prompt_set, **measures(entry[part])}
+    floor = measures(results["floor"]) if isinstance(results.get("floor"), dict) else None
     return {**results, "models": models, "floor": floor or None}
 
 
