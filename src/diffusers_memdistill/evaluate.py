@@ -559,6 +559,21 @@ def _save_teacher_targets(path, phi_k, phi_1, teacher_name):
     return tuple(dequantize_samples(tensors[k], tensors[f"{k}_nonfinite"]) for k in ("phi_k", "phi_1"))
 
 
+def heldout_or_note(training_set, num_images, seed: int):
+    """``(held, None)``: ``num_images`` held-out real images of ``training_set``'s distribution
+    ([`load_heldout_set`]), or all there are when fewer; ``(None, note)`` where the data holds none, the note saying
+    why."""
+    try:
+        return load_heldout_set(training_set, num_images=num_images, seed=seed), None
+    except ValueError:
+        # Fewer held-out images than asked for (checked before anything is decoded): take them all. Where there are
+        # none, this raises again, and its message is the note.
+        try:
+            return load_heldout_set(training_set, num_images=None, seed=seed), None
+        except ValueError as exc:
+            return None, str(exc).rstrip(".")
+
+
 def _heldout_sets(train_sets: dict, num_images: int, seed: int, floor: bool):
     """Held-out real images of each training set's distribution ([`load_heldout_set`]): as many as the samples, or
     all there are when fewer; a note instead where the data holds none."""
@@ -566,16 +581,10 @@ def _heldout_sets(train_sets: dict, num_images: int, seed: int, floor: bool):
     if not floor:
         return heldout, entries, {tid: "not requested (--no_floor)" for tid in train_sets}
     for tid, ts in train_sets.items():
-        try:
-            held = load_heldout_set(ts, num_images=num_images, seed=seed)
-        except ValueError:
-            # Fewer held-out images than samples (checked before anything is decoded): take them all. Where there
-            # are none, this raises again, and its message is the note.
-            try:
-                held = load_heldout_set(ts, num_images=None, seed=seed)
-            except ValueError as exc:
-                notes[tid] = str(exc).rstrip(".")
-                continue
+        held, note = heldout_or_note(ts, num_images, seed)
+        if held is None:
+            notes[tid] = note
+            continue
         heldout[tid] = held
         entries[tid] = {"sha256": held.record["sha256"], "num_images": len(held), "seed": seed,
                         "dataset": held.record["dataset"], "split": held.record["split"],

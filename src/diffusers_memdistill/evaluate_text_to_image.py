@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import build_training_set, load_heldout_set, load_training_set
+from .data import build_training_set, load_training_set
 from .evaluate import (
     L2_THRESHOLD,
     SAMPLES_DIR,
@@ -42,6 +42,7 @@ from .evaluate import (
     _versions,
     _write_json,
     add_arguments,
+    heldout_or_note,
     local_model_folder,
     save_samples,
     shared_noise,
@@ -254,14 +255,7 @@ def audit_sets(path: str, train_data: str | None, resolution: int, num_heldout: 
     # As many held-out pairs as prompts (only those are decoded).
     num_prompts = len(distinct_prompts(pairs)[0])
     num_heldout = num_prompts if num_heldout is None else min(num_heldout, num_prompts)
-    note = None
-    try:
-        held = load_heldout_set(pairs, num_images=num_heldout, seed=seed)
-    except ValueError:
-        try:
-            held = load_heldout_set(pairs, num_images=None, seed=seed)
-        except ValueError as exc:
-            held, note = None, str(exc).rstrip(".")
+    held, note = heldout_or_note(pairs, num_heldout, seed)
     if held is not None and "extra" in getattr(training, "parts", {}):
         # Pairs of the extra part were trained on: never held out.
         extra = {(e["source"], e["sha256"]) for e in training.parts["extra"].record["entries"]}
