@@ -5,6 +5,7 @@ Feature extractors (SSCD, Inception, CLIP) are injectable callables; their loade
 Figures live in ``diffusers_memdistill.metrics.figures`` (imported on demand, it loads matplotlib).
 """
 
+from ._images import quantize_uint8
 from .clip_score import CLIPFeatureExtractor, clip_score, compute_clip_score, resolve_open_clip_weights
 from .fid import (
     FID_INCEPTION_URL,
@@ -28,9 +29,11 @@ from .memorization import (
     as_unit_range_images,
     memorization_ratio,
     pixel_memorization,
+    pixel_memorization_from_neighbours,
     pixel_near_duplicates,
     pixel_own_image_memorization,
     sscd_memorization,
+    sscd_memorization_from_neighbours,
     sscd_near_duplicates,
     summarize_scores,
 )
@@ -85,13 +88,16 @@ __all__ = [
     "memorization_ratio",
     "pairing_inefficiency",
     "pixel_memorization",
+    "pixel_memorization_from_neighbours",
     "pixel_near_duplicates",
     "pixel_own_image_memorization",
+    "quantize_uint8",
     "resolve_open_clip_weights",
     "resolve_weights_file",
     "save_feature_stats",
     "squared_distance_matrix",
     "sscd_memorization",
+    "sscd_memorization_from_neighbours",
     "sscd_near_duplicates",
     "sscd_preprocess",
     "sscd_resize",

@@ -198,15 +198,31 @@ class FeatureStats:
     num_samples: int
 
 
-def feature_statistics(features: torch.Tensor | np.ndarray) -> FeatureStats:
-    """Mean and unbiased covariance (``np.cov``) of ``(N, D)`` features; rejects NaN and N < 2."""
-    x = features.detach().cpu().double().numpy() if isinstance(features, torch.Tensor) else np.asarray(features, np.float64)
-    if x.ndim != 2 or x.shape[0] < 2:
-        raise ValueError(f"Feature statistics need an (N >= 2, D) matrix, got shape {x.shape}.")
-    bad = ~np.isfinite(x).all(1)
-    if bad.any():
-        raise ValueError(f"{int(bad.sum())} feature rows are not finite (first at row {int(np.argmax(bad))}); drop or fix those samples.")
-    return FeatureStats(mean=x.mean(0), cov=np.cov(x, rowvar=False), num_samples=x.shape[0])
+def feature_statistics(features: torch.Tensor | np.ndarray, chunk_rows: int = 16384) -> FeatureStats:
+    """Mean and unbiased covariance of ``(N, D)`` features, in float64; rejects NaN and N < 2.
+
+    Two passes over row chunks (the mean, then the sum of centred outer products), so that the features of a
+    million-image reference set can stay in a memory map: memory is one chunk and the D × D covariance."""
+    n = features.shape[0] if features.ndim >= 1 else 0
+    if features.ndim != 2 or n < 2:
+        raise ValueError(f"Feature statistics need an (N >= 2, D) matrix, got shape {tuple(features.shape)}.")
+
+    def chunks():
+        for start in range(0, n, chunk_rows):
+            x = features[start:start + chunk_rows]
+            x = x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, np.float64)
+            bad = ~np.isfinite(x).all(1)
+            if bad.any():
+                raise ValueError(f"{int(bad.sum())} feature rows are not finite (first at row "
+                                 f"{start + int(np.argmax(bad))}); drop or fix those samples.")
+            yield x
+
+    mean = sum(x.sum(0) for x in chunks()) / n
+    cov = np.zeros((features.shape[1], features.shape[1]))
+    for x in chunks():
+        centred = x - mean
+        cov += centred.T @ centred
+    return FeatureStats(mean=mean, cov=cov / (n - 1), num_samples=n)
 
 
 def _clip_roundoff(w: np.ndarray) -> np.ndarray:

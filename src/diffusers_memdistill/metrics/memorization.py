@@ -252,21 +252,50 @@ def pixel_memorization(
     nn_indices = knn.indices.cpu()
     if keep is not None and reference is not train_images:
         nn_indices = torch.where(nn_indices >= 0, keep[nn_indices.clamp_min(0)], nn_indices)
-    distances = knn.values.cpu()
-    ratios = memorization_ratio(distances)
+    return pixel_memorization_from_neighbours(
+        nn_indices, knn.values.cpu(), num_train=num_train, threshold=threshold, train_groups=train_groups,
+        sample_groups=sample_groups, percentile=percentile, num_duplicates_removed=num_train - reference.shape[0])
+
+
+def pixel_memorization_from_neighbours(
+    nn_indices: torch.Tensor,
+    nn_distances: torch.Tensor,
+    *,
+    num_train: int,
+    threshold: float = 1.0 / 3.0,
+    train_groups: Sequence[Any] | torch.Tensor | None = None,
+    sample_groups: Sequence[Any] | torch.Tensor | None = None,
+    percentile: float = 95.0,
+    num_duplicates_removed: int = 0,
+) -> PixelMemorizationResult:
+    r"""
+    [`pixel_memorization`] from the two nearest distinct training images of each sample, found by any exact search
+    (e.g. shard by shard over several processes, then concatenated).
+
+    Args:
+        nn_indices (`torch.Tensor` of shape `(N, 2)`): training indices of NN₁ and NN₂ (-1 for non-finite samples).
+        nn_distances (`torch.Tensor` of shape `(N, 2)`): ‖y − NN₁‖, ‖y − NN₂‖ (NaN for non-finite samples).
+        num_train (`int`): size of the training set the indices point into.
+        threshold, train_groups, sample_groups, percentile: as in [`pixel_memorization`].
+        num_duplicates_removed (`int`): training images merged as exact duplicates before the search.
+
+    Returns:
+        [`PixelMemorizationResult`]
+    """
+    ratios = memorization_ratio(nn_distances)
     nan_mask = torch.isnan(ratios)
     memorized = (ratios < threshold) & ~nan_mask
-    labels = _resolve_groups(sample_groups, train_groups, nn_indices[:, 0], samples.shape[0], num_train)
+    labels = _resolve_groups(sample_groups, train_groups, nn_indices[:, 0], nn_indices.shape[0], num_train)
     return PixelMemorizationResult(
         ratios=ratios,
         memorized=memorized,
         nn_indices=nn_indices,
-        nn_distances=distances,
+        nn_distances=nn_distances,
         nan_mask=nan_mask,
         threshold=threshold,
         overall=summarize_scores(ratios, memorized, percentile),
         groups=_group_stats(ratios, memorized, labels, percentile),
-        num_duplicates_removed=num_train - reference.shape[0],
+        num_duplicates_removed=num_duplicates_removed,
     )
 
 
@@ -503,11 +532,37 @@ def sscd_memorization(
             f"Expected (N, D) descriptor matrices, got {tuple(sample_features.shape)} and {tuple(train_features.shape)}."
         )
     knn = knn_search(sample_features, train_features, k=1, metric="cosine", **search_kwargs)
-    sims = knn.values[:, 0].cpu()
-    nn_indices = knn.indices[:, 0].cpu()
+    return sscd_memorization_from_neighbours(
+        knn.indices[:, 0].cpu(), knn.values[:, 0].cpu(), num_train=train_features.shape[0], threshold=threshold,
+        train_groups=train_groups, sample_groups=sample_groups, percentile=percentile)
+
+
+def sscd_memorization_from_neighbours(
+    nn_indices: torch.Tensor,
+    max_similarity: torch.Tensor,
+    *,
+    num_train: int,
+    threshold: float = 0.5,
+    train_groups: Sequence[Any] | torch.Tensor | None = None,
+    sample_groups: Sequence[Any] | torch.Tensor | None = None,
+    percentile: float = 95.0,
+) -> SimilarityMemorizationResult:
+    r"""
+    [`sscd_memorization`] from the most similar training descriptor of each sample, found by any exact search.
+
+    Args:
+        nn_indices (`torch.Tensor` of shape `(N,)`): index of the most similar training item (-1: non-finite).
+        max_similarity (`torch.Tensor` of shape `(N,)`): its cosine similarity (NaN: non-finite).
+        num_train (`int`): size of the training set the indices point into.
+        threshold, train_groups, sample_groups, percentile: as in [`sscd_memorization`].
+
+    Returns:
+        [`SimilarityMemorizationResult`]
+    """
+    sims = max_similarity
     nan_mask = torch.isnan(sims)
     memorized = (sims > threshold) & ~nan_mask
-    labels = _resolve_groups(sample_groups, train_groups, nn_indices, sample_features.shape[0], train_features.shape[0])
+    labels = _resolve_groups(sample_groups, train_groups, nn_indices, sims.shape[0], num_train)
     return SimilarityMemorizationResult(
         max_similarity=sims,
         nn_indices=nn_indices,
