@@ -19,6 +19,7 @@ def _isolated_caches(tmp_path_factory):
     """Keep diffusers' dynamic-module cache and the trackers' files inside the test's temporary folder."""
     cache = tmp_path_factory.mktemp("hf_modules")
     os.environ["HF_MODULES_CACHE"] = str(cache)
+    os.environ["MEMDISTILL_CACHE"] = str(tmp_path_factory.mktemp("memdistill_cache"))  # audits' feature caches
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     yield
 

@@ -39,7 +39,7 @@ def test_text_to_image_demo_quick_end_to_end(tmp_path):
     out = tmp_path / "demo"
     assert cli_main(["demo", "--text_to_image", "--quick", "--output_dir", str(out)]) == 0
     results = json.loads((out / "report" / "metrics.json").read_text())
-    assert results["kind"] == "text_to_image" and results["metrics"] == ["l2"] and results["guidance_scale"] == 1.0
+    assert results["task"] == "text-to-image" and results["metrics"] == ["l2"] and results["guidance_scale"] == 1.0
     # Teacher, LCM student and DMD generator audited in one call: the same prompts and seeds, each with its own step
     # count.
     assert list(results["models"]) == [MODEL_NAME, LCM_NAME, DMD_NAME, UNDISTILLED_NAME]
@@ -54,12 +54,12 @@ def test_text_to_image_demo_quick_end_to_end(tmp_path):
     assert results["models"][UNDISTILLED_NAME]["steps"] == 4 and not control.time_embedding.cond_proj.weight.any()
     assert all(torch.equal(v, model_unet[k]) for k, v in control.state_dict().items() if k in model_unet)
     for model in (teacher, student, generator):
-        for which in ("training", "heldout"):
-            for criterion in ("own", "nearest"):
-                stats = model[which]["l2"][criterion]
+        for section in (model, model["heldout_prompts"]):
+            for measure in ("l2_own", "l2"):
+                stats = section[measure]
                 assert stats["num_samples"] == 4 * 2 and stats["num_nan"] == 0
                 assert 0 <= stats["fraction_memorized"] <= 1
-    assert results["training_set"]["num_images"] == 4 + 2 * 4  # memorized and extra digits
+    assert results["training_sets"]["train0"]["num_images"] == 4 + 2 * 4  # memorized and extra digits
     report = (out / "report" / "report.md").read_text()
     for name in (MODEL_NAME, LCM_NAME, DMD_NAME):
         assert f"| {name} | training |" in report and f"| {name} | held-out |" in report

@@ -119,7 +119,7 @@ print("steps", len(pipe.scheduler.timesteps))
 def test_lcm_lora_loads_on_the_teacher_and_samples_in_four_steps(sd_teacher, tmp_path):
     from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-    from diffusers_memdistill.evaluate_text_to_image import load_text_to_image_model
+    from diffusers_memdistill.evaluation.models import load_model as load_text_to_image_model
     from diffusers_memdistill.training.finetune_sd_memorize import add_lora
 
     out = tmp_path / "lora"

@@ -145,7 +145,7 @@ def test_generators_reload_in_the_stock_pipeline_and_sit_beside_the_lcm_students
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     from diffusers_memdistill.cli import main as cli_main
-    from diffusers_memdistill.evaluate_text_to_image import load_text_to_image_model
+    from diffusers_memdistill.evaluation.models import load_model as load_text_to_image_model
     from diffusers_memdistill.hub import render_model_card
     from diffusers_memdistill.training.runner import load_checkpoint_weights
 
@@ -200,7 +200,7 @@ print("timesteps", pipe.scheduler.timesteps.tolist())
                      "--device", "cpu", "--output_dir", str(tmp_path / "audit")]) == 0
     results = json.loads((tmp_path / "audit" / "metrics.json").read_text())
     assert list(results["models"]) == ["teacher", "lcm", "lcm_lora", "dmd1", "dmd4"]
-    steps = {r["name"]: r["steps"] for r in json.loads((tmp_path / "audit" / "samples" / "prompts.json").read_text())
+    steps = {r["name"]: r["steps"] for r in json.loads((tmp_path / "audit" / "samples" / "manifest.json").read_text())
              ["runs"]}
     assert steps == {"teacher": 50, "lcm": 4, "lcm_lora": 4, "dmd1": 1, "dmd4": 4}
     report = (tmp_path / "audit" / "report.md").read_text()
@@ -209,12 +209,14 @@ print("timesteps", pipe.scheduler.timesteps.tolist())
     # teacher's, with the numbers of metrics.json (nearest-neighbour L2, as the floor row of held-out real images).
     card, _ = render_model_card(str(one), metrics_path=str(tmp_path / "audit" / "metrics.json"))
     card = str(card)
-    nearest = results["models"]["dmd1"]["training"]["l2"]["nearest"]
+    nearest = results["models"]["dmd1"]["l2"]
     assert "pipeline_tag: text-to-image" in card
     assert f"| **this model, 1 step, training prompts** | {nearest['num_samples']} | " \
            f"{100 * nearest['fraction_memorized']:.2f}% |" in card
     assert "| **this model, 1 step, held-out prompts** |" in card
-    assert "| teacher, 50 steps, training prompts |" in card and "held-out real images (floor)" in card
+    assert "| teacher, 50 steps, training prompts |" in card
+    floor = results["floor"]["train0"]
+    assert f"held-out real images ({floor['dataset']} {floor['split']}, floor)" in card
 
 
 @pytest.mark.slow

@@ -6,7 +6,8 @@ import torch
 from conftest import tiny_unet
 from diffusers_memdistill.cli import main as cli_main
 from diffusers_memdistill.data import build_training_set
-from diffusers_memdistill.evaluate import ModelRun, evaluate, generate, shared_labels, shared_noise, stream_seeds
+from diffusers_memdistill.evaluation import evaluate, shared_labels, shared_noise, stream_generators, stream_seeds
+from diffusers_memdistill.evaluation.audit import generate
 from diffusers_memdistill.pipelines.pipeline_consistency import ConsistencyStudentPipeline
 from diffusers_memdistill.pipelines.pipeline_edm import EDMPipeline
 from diffusers_memdistill.schedulers.scheduling_consistency import ConsistencyStudentScheduler
@@ -56,12 +57,12 @@ def test_two_step_student_injects_noise_independent_of_its_starting_noise(monkey
     randn_tensor = scheduling_consistency.randn_tensor
     monkeypatch.setattr(scheduling_consistency, "randn_tensor", recording_randn)
     pipe = ConsistencyStudentPipeline(tiny_unet(), ConsistencyStudentScheduler())
-    run = ModelRun("student (2-step)", "unused", pipe, "student", 2)
+    run = {"name": "student (2-step)", "kind": "student", "steps": 2}
     noise = shared_noise(12, (1, 8, 8), seed=0)
-    by_5 = generate(run, noise, None, batch_size=5, device="cpu", seed=0)
+    by_5 = generate(pipe, run, noise, stream_generators(0, range(12), 1), None, None, batch_size=5)
     first = torch.cat(injected)
     injected.clear()
-    by_12 = generate(run, noise, None, batch_size=12, device="cpu", seed=0)
+    by_12 = generate(pipe, run, noise, stream_generators(0, range(12), 1), None, None, batch_size=12)
     assert torch.equal(torch.cat(injected), first)  # the same draws whatever the batch size
     torch.testing.assert_close(by_5, by_12, atol=1e-5, rtol=0)
     assert first.shape == noise.shape
@@ -75,12 +76,12 @@ def test_two_step_student_injects_noise_independent_of_its_starting_noise(monkey
 
 
 def test_evaluate_flags_exact_copies_and_reports_missing_weights(copying_model, tmp_path, monkeypatch):
-    from diffusers_memdistill import evaluate as ev
+    from diffusers_memdistill.evaluation import audit as ev
 
     train = build_training_set("digits", 8, num_train_images=20)
     copies = train.images.float() / 255.0
 
-    def fake_generate(run, noise, labels, batch_size, device, seed=0):
+    def fake_generate(pipe, run, noise, generators, labels, prompts, batch_size):
         out = copies[torch.arange(noise.shape[0]) % 20].clone()
         out[-1] = torch.rand_like(out[-1])  # one fresh image
         out[-2] = float("nan")  # one broken sample

@@ -10,10 +10,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import tiny_unet
-from diffusers_memdistill import evaluate as ev
+from diffusers_memdistill.evaluation import audit as ev
+from diffusers_memdistill.evaluation import per_sample
 from diffusers_memdistill.cli import main as cli_main
 from diffusers_memdistill.data import build_training_set
-from diffusers_memdistill.evaluate import compare_results, evaluate, evaluate_from_samples, strict_json
+from diffusers_memdistill.evaluation import compare_results, evaluate, evaluate_from_samples, stream_seeds, strict_json
 from diffusers_memdistill.pipelines.pipeline_consistency import ConsistencyStudentPipeline
 from diffusers_memdistill.pipelines.pipeline_edm import EDMPipeline
 from diffusers_memdistill.schedulers.scheduling_consistency import ConsistencyStudentScheduler
@@ -81,11 +82,11 @@ def test_samples_are_saved_and_every_number_is_recomputed_exactly(teacher_and_st
     assert set(results["models"]) == {"teacher", "student (1-step)", "student (2-step)"}
     assert results["errors"] == {}
     # The samples: uint8 with the per-sample seeds of the three streams, and what the metrics read.
-    saved = load_file(str(out / "samples" / "student__2-step.safetensors"))
+    saved = load_file(str(out / "samples" / "student__2-step" / "shard-00000.safetensors"))
     assert saved["images"].dtype == torch.uint8 and saved["images"].shape == (24, 1, 8, 8)
     assert saved["sample_index"].tolist() == list(range(24))
-    assert torch.equal(saved["seeds"][:, 1], ev.stream_seeds(3, range(24), 1))
-    targets = load_file(str(out / "samples" / "teacher_targets.safetensors"))
+    assert torch.equal(saved["seeds"][:, 1], stream_seeds(3, range(24), 1))
+    targets = load_file(str(out / "samples" / "teacher_targets" / "shard-00000.safetensors"))
     assert targets["phi_k"].dtype == torch.uint8 and targets["phi_1"].shape == (24, 1, 8, 8)
     # The floor row: held-out digits, scored like the samples.
     floor = results["floor"]["train0"]
@@ -153,8 +154,8 @@ def test_nan_samples_give_a_strict_report_and_duplicates_are_listed(teacher_and_
     teacher, student = teacher_and_student
     data = _imagefolder_with_a_duplicate(tmp_path / "data")
 
-    def fake_generate(run, noise, labels, batch_size, device, seed=0):
-        if run.kind == "teacher" or run.steps == 2:  # all-NaN samples
+    def fake_generate(pipe, run, noise, generators, labels, prompts, batch_size):
+        if run["kind"] == "teacher" or run["steps"] == 2:  # all-NaN samples
             return torch.full((noise.shape[0], 1, 8, 8), float("nan"))
         return torch.rand(noise.shape[0], 1, 8, 8, generator=torch.Generator().manual_seed(0))
 
@@ -196,10 +197,10 @@ def test_only_missing_weights_are_not_computed(teacher_and_student, tmp_path, mo
         raise ValueError("the extractor is broken")
 
     # Before, a ValueError of a metric was swallowed into "Not computed" and the command succeeded.
-    monkeypatch.setattr(ev, "_fid", broken)
+    monkeypatch.setattr(per_sample, "measure_shard", broken)
     with pytest.raises(ValueError, match="the extractor is broken"):
         evaluate([str(teacher)], str(tmp_path / "b"), num_samples=4, metrics=("fid",), device="cpu", floor=False)
-    assert (tmp_path / "b" / "samples" / "teacher.safetensors").is_file()  # the samples are kept
+    assert (tmp_path / "b" / "samples" / "teacher" / "shard-00000.safetensors").is_file()  # the samples are kept
 
 
 def test_strict_json_replaces_non_finite_numbers_with_reasons():

@@ -12,7 +12,7 @@ from conftest import run_without_package, tiny_unet
 from diffusers_memdistill import hub
 from diffusers_memdistill.cli import main as cli_main
 from diffusers_memdistill.data import build_training_set
-from diffusers_memdistill.evaluate import evaluate
+from diffusers_memdistill.evaluation import evaluate
 from diffusers_memdistill.pipelines.pipeline_consistency import ConsistencyStudentPipeline
 from diffusers_memdistill.pipelines.pipeline_edm import EDMPipeline
 from diffusers_memdistill.schedulers.scheduling_consistency import ConsistencyStudentScheduler

@@ -137,7 +137,7 @@ def test_refined_pipeline_saves_loads_and_samples_through_the_registry(folders, 
 
 
 def test_refined_rows_in_memdistill_evaluate(folders, tmp_path):
-    from diffusers_memdistill.evaluate import evaluate
+    from diffusers_memdistill.evaluation import evaluate
 
     RefinedPipeline.from_sources(str(folders / "pd"), str(folders / "teacher"), 2.0).save_pretrained(
         tmp_path / "pd-refine")

@@ -12,7 +12,8 @@ from PIL import Image
 
 from conftest import run_script
 from diffusers_memdistill.data import build_training_set, load_heldout_set
-from diffusers_memdistill.evaluate_text_to_image import audit_text_to_image, own_image_similarity
+from diffusers_memdistill.evaluation import evaluate
+from diffusers_memdistill.evaluation.measures import own_image_similarity
 from diffusers_memdistill.metrics import CLIPFeatureExtractor, SSCDFeatureExtractor, compute_clip_score
 from diffusers_memdistill.registry import register_pipeline, sample_images, unregister_pipeline
 
@@ -101,10 +102,16 @@ def _sample_planted(pipe, latents, generators, class_labels=None, prompts=None, 
 
 
 @pytest.fixture
-def planted():
-    register_pipeline(PlantedCopyPipeline, kind="teacher", sample=_sample_planted, load=lambda path, **kw: None,
-                      noise_shape=lambda pipe: (3, 16, 16), num_classes=lambda pipe: 0, takes_prompts=True)
-    yield PlantedCopyPipeline()
+def planted(tmp_path):
+    """A saved folder of a PlantedCopyPipeline (``planted.folder``); loading it gives this very instance."""
+    pipe = PlantedCopyPipeline()
+    pipe.folder = tmp_path / "planted"
+    pipe.folder.mkdir()
+    (pipe.folder / "model_index.json").write_text(json.dumps({"_class_name": "PlantedCopyPipeline"}))
+    register_pipeline(PlantedCopyPipeline, kind="teacher", sample=_sample_planted, load=lambda path, **kw: pipe,
+                      noise_shape=lambda pipe: (3, 16, 16), num_classes=lambda pipe: 0, takes_prompts=True,
+                      default_steps=1)
+    yield pipe
     unregister_pipeline(PlantedCopyPipeline)
 
 
@@ -129,56 +136,64 @@ def test_a_planted_copy_is_flagged_and_a_heldout_caption_is_not(pairs_dir, tiny_
     heldout = load_heldout_set(pairs)
     for caption, image in zip(pairs.captions, pairs.images):
         planted.copies[caption] = image.float() / 255
-    results = audit_text_to_image({"planted": planted}, str(tmp_path), pairs, pairs, heldout, samples_per_prompt=3,
-                                  num_inference_steps=1, device="cpu", sscd_extractors=sscd_stand_ins(),
-                                  clip_extractor=tiny_clip)
+    out = tmp_path / "audit"
+    results = evaluate([str(planted.folder)], str(out), train_data=str(pairs_dir), samples_per_prompt=3,
+                       num_inference_steps=1, device="cpu", metrics=("clip", "sscd"),
+                       extractors={"sscd": sscd_stand_ins(), "clip": tiny_clip}, cache_dir=str(tmp_path / "cache"))
+    assert results["task"] == "text-to-image"
     model = results["models"]["planted"]
     for p in ("sscd", "dcr"):
-        own = model["training"]["sscd"][p]["own"]
+        own = model["sscd_own"][p]
         assert own["min"] > 0.999 and own["fraction_memorized"] == 1.0  # SSCD ≈ 1 for every seed of every prompt
-        assert model["training"]["sscd"][p]["nearest"]["fraction_memorized"] == 1.0
-        assert model["heldout"]["sscd"][p]["own"]["fraction_memorized"] == 0.0
-        assert model["heldout"]["sscd"][p]["own"]["max"] < 0.5
-        floor = results["floor"]["sscd"][p]["nearest"]
+        assert model["sscd"][p]["fraction_memorized"] == 1.0
+        assert model["heldout_prompts"]["sscd_own"][p]["fraction_memorized"] == 0.0
+        assert model["heldout_prompts"]["sscd_own"][p]["max"] < 0.5
+        floor = results["floor"]["train0"]["sscd"][p]
         assert floor["num_samples"] == 2 and floor["fraction_memorized"] == 0.0
-    rows = model["training"]["prompts"]
+    rows = model["prompts"]
     assert [r["prompt"] for r in rows] == pairs.captions and all(r["copied"] for r in rows)
-    assert not any(r["copied"] for r in model["heldout"]["prompts"])
+    assert not any(r["copied"] for r in model["heldout_prompts"]["prompts"])
     # CLIP: copies of the training images match their captions better than noise matches the held-out ones.
-    assert model["training"]["clip"]["mean"] > model["heldout"]["clip"]["mean"]
-    assert model["training"]["clip"]["num_samples"] == 4 * 3
-    report = (tmp_path / "report.md").read_text()
+    assert model["clip"]["mean"] > model["heldout_prompts"]["clip"]["mean"]
+    assert model["clip"]["num_samples"] == 4 * 3
+    report = (out / "report.md").read_text()
     assert "| planted | training |" in report and "| planted | held-out |" in report and "*floor: 2 held-out" in report
     assert "4 of 4 prompts have a generation above 0.5" in report
-    assert (tmp_path / "figures" / "most_copied_planted.png").is_file()
-    saved = json.loads((tmp_path / "samples" / "prompts.json").read_text())
+    assert (out / "figures" / "most_copied_planted.png").is_file()
+    saved = json.loads((out / "samples" / "manifest.json").read_text())["conditions"]
     assert saved["prompts"] == pairs.captions and saved["heldout_prompts"] == heldout.captions
     with pytest.raises(ValueError, match="--samples_per_prompt must be at least 1"):
-        audit_text_to_image({"planted": planted}, str(tmp_path / "x"), pairs, pairs, samples_per_prompt=0)
+        evaluate([str(planted.folder)], str(tmp_path / "x"), train_data=str(pairs_dir), samples_per_prompt=0)
 
 
 def test_pixel_l2_finds_a_planted_copy_without_any_weights(pairs_dir, planted, tmp_path):
     pairs = build_training_set(str(pairs_dir), 16, channels=3)
-    heldout = load_heldout_set(pairs)
     for caption, image in zip(pairs.captions[:3], pairs.images[:3]):  # the fourth caption gets noise
         planted.copies[caption] = image.float() / 255
-    results = audit_text_to_image({"planted": planted}, str(tmp_path), pairs, pairs, heldout, samples_per_prompt=2,
-                                  num_inference_steps=1, device="cpu", metrics=("l2",))
+    out = tmp_path / "audit"
+    results = evaluate([str(planted.folder)], str(out), train_data=str(pairs_dir), samples_per_prompt=2,
+                       num_inference_steps=1, device="cpu", metrics=("l2",), cache_dir=str(tmp_path / "cache"))
     model = results["models"]["planted"]
-    own, nearest = model["training"]["l2"]["own"], model["training"]["l2"]["nearest"]
+    own, nearest = model["l2_own"], model["l2"]
     assert own["num_memorized"] == 3 * 2 and own["min"] == 0.0  # every seed of the 3 planted prompts: ρ = 0
     assert nearest["num_memorized"] == 3 * 2  # and r = 0 against the whole training set
-    rows = model["training"]["prompts"]
+    rows = model["prompts"]
     assert [r["l2_copied"] for r in rows] == [True, True, True, False]
     assert rows[3]["l2_own_min"] > 1 / 3 and rows[0]["l2_nearest_index_of_best"] == 0
-    assert model["heldout"]["l2"]["own"]["num_memorized"] == 0 and not any(r["l2_copied"] for r in
-                                                                          model["heldout"]["prompts"])
-    assert results["floor"]["l2"]["nearest"]["num_samples"] == 2 and "sscd" not in model["training"]
-    report = (tmp_path / "report.md").read_text()
+    assert model["heldout_prompts"]["l2_own"]["num_memorized"] == 0 and not any(
+        r["l2_copied"] for r in model["heldout_prompts"]["prompts"])
+    assert results["floor"]["train0"]["l2"]["num_samples"] == 2 and "sscd" not in model
+    report = (out / "report.md").read_text()
     assert "L2 own ρ: mean / p95 / < 1/3" in report and "| planted | held-out |" in report
     assert "3 of 4 prompts have a generation with an own-image L2 ratio below 1/3" in report
-    assert "No metric of this report used pretrained weights." in report
-    assert (tmp_path / "figures" / "most_copied_planted.png").is_file()
+    assert "No metric of this report uses pretrained weights." in report
+    assert (out / "figures" / "most_copied_planted.png").is_file()
+    # Every number again from the saved generations, without the model.
+    from diffusers_memdistill.evaluation import compare_results, evaluate_from_samples
+
+    again = evaluate_from_samples(str(out), device="cpu", cache_dir=str(tmp_path / "cache"))
+    equal, differences = compare_results(results, again)
+    assert differences == [] and equal > 50
 
 
 def test_stable_diffusion_is_sampled_through_the_registry_from_given_noise():
@@ -201,8 +216,7 @@ def test_stable_diffusion_is_sampled_through_the_registry_from_given_noise():
 
 @pytest.mark.slow
 def test_memdistill_evaluate_audits_a_fine_tuned_model_and_its_lora(tmp_path, monkeypatch, tiny_clip):
-    from diffusers_memdistill import evaluate as ev
-    from diffusers_memdistill import evaluate_text_to_image as t2i
+    from diffusers_memdistill.evaluation import extractors
     from diffusers_memdistill.cli import main as cli_main
     from diffusers_memdistill.models.tiny_sd import save_tiny_sd_pipeline
     from conftest import write_pairs
@@ -216,26 +230,26 @@ def test_memdistill_evaluate_audits_a_fine_tuned_model_and_its_lora(tmp_path, mo
               "--num_validation_images", 0, "--cache_dir", tmp_path / "cache"]
     run_script("finetune_sd_memorize", common + ["--output_dir", tmp_path / "full"])
     run_script("finetune_sd_memorize", common + ["--output_dir", tmp_path / "lora", "--use_lora", "--rank", 2])
-    monkeypatch.setattr(t2i, "_sscd_extractor", lambda settings, p, device: sscd_stand_ins()[p])
+    monkeypatch.setattr(extractors, "sscd_extractor", lambda settings, p, device: sscd_stand_ins()[p])
     monkeypatch.setattr(CLIPFeatureExtractor, "from_open_clip", classmethod(lambda cls, *a, **k: tiny_clip))
     out = tmp_path / "audit"
     assert cli_main(["evaluate", "--model", str(tmp_path / "full"), "--model", str(tmp_path / "lora"),
                      "--samples_per_prompt", "2", "--num_inference_steps", "2", "--guidance_scale", "2",
                      "--device", "cpu", "--output_dir", str(out)]) == 0
     results = json.loads((out / "metrics.json").read_text())
-    assert results["kind"] == "text_to_image" and results["guidance_scale"] == 2.0
+    assert results["task"] == "text-to-image" and results["guidance_scale"] == 2.0
     assert set(results["models"]) == {"full", "lora"} and results["num_prompts"] == 3
     assert results["settings"]["sscd_preprocessing"] == ["sscd", "dcr"]  # both by default
-    assert results["training_set"]["num_images"] == 3 + 3  # memorized and extra pairs are the reference
+    assert results["training_sets"]["train0"]["num_images"] == 3 + 3  # memorized and extra pairs are the reference
     # Held-out prompts: the memorized data's pairs that were not chosen (never the extra ones).
-    assert results["num_heldout_prompts"] == 3 and results["floor"]["num_images"] == 3
+    assert results["num_heldout_prompts"] == 3 and results["floor"]["train0"]["num_images"] == 3
     for name in ("full", "lora"):
-        assert results["models"][name]["training"]["clip"]["num_samples"] == 3 * 2
-        assert len(results["models"][name]["training"]["prompts"]) == 3
+        assert results["models"][name]["clip"]["num_samples"] == 3 * 2
+        assert len(results["models"][name]["prompts"]) == 3
     assert "| lora | held-out |" in (out / "report.md").read_text()
-    with pytest.raises(ValueError, match="generate from prompts: audit text-to-image models with"):
+    with pytest.raises(ValueError, match="generate from prompts: audit text-to-image models separately"):
         from conftest import tiny_unet
         from diffusers import DDPMPipeline, DDPMScheduler
 
         DDPMPipeline(tiny_unet(), DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
-        ev.evaluate([str(tmp_path / "full"), str(tmp_path / "ddpm")], str(tmp_path / "mixed"))
+        evaluate([str(tmp_path / "full"), str(tmp_path / "ddpm")], str(tmp_path / "mixed"))

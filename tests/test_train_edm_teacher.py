@@ -138,30 +138,38 @@ def test_two_processes_resume_exactly_with_dropout(tmp_path):
 
 
 def test_push_to_hub_uploads_the_finished_folder_and_never_writes_the_token(tmp_path, monkeypatch):
-    """--push_to_hub hands the finished folder to the one-commit upload (faked at the Hub boundary); the token is
-    redacted from the saved config and reaches nothing on disk."""
+    """--push_to_hub audits the finished model for memorization, then hands the folder and the audit's metrics.json
+    to the one-commit upload (faked at the Hub boundary); the token is redacted from the saved config and reaches
+    nothing on disk."""
     import diffusers_memdistill.hub as hub
 
     pushed = []
 
-    def fake_push(model_dir, repo_id, *, token=None, private=False, **kwargs):
+    def fake_push(model_dir, repo_id, *, token=None, private=False, metrics_path=None, unaudited=None, **kwargs):
         assert os.path.isfile(os.path.join(model_dir, "model_index.json"))  # only once everything is written
-        pushed.append((str(model_dir), repo_id, token, private))
+        assert os.path.isfile(metrics_path)  # the audit is written before the push
+        card, _ = hub.render_model_card(model_dir, metrics_path=metrics_path)
+        assert "| **this model (teacher)** | 16 |" in card.content  # the card carries the audit's rows
+        pushed.append((str(model_dir), repo_id, token, private, metrics_path, unaudited))
         return f"https://huggingface.co/{repo_id}/commit/0"
 
     monkeypatch.setattr(hub, "push_to_hub_folder", fake_push)
     out = tmp_path / "teacher"
     secret = "hf_ThisIsNotARealToken123"
     argv = BASE + ["--max_train_steps", "2", "--checkpointing_steps", "2", "--output_dir", out, "--push_to_hub",
-                   "--hub_model_id", "someone/tiny-teacher", "--hub_token", secret, "--hub_private_repo"]
+                   "--hub_model_id", "someone/tiny-teacher", "--hub_token", secret, "--hub_private_repo",
+                   "--push_audit_num_samples", "16"]
     monkeypatch.setattr(sys, "argv", ["train_edm_teacher.py"] + [str(a) for a in argv])  # the recorded command
     run_script("train_edm_teacher", argv)
-    assert pushed == [(str(out), "someone/tiny-teacher", secret, True)]
+    audit = tmp_path / "teacher-audit"  # beside the model: not uploaded with it
+    assert pushed == [(str(out), "someone/tiny-teacher", secret, True, str(audit / "metrics.json"), None)]
+    assert json.loads((audit / "metrics.json").read_text())["metrics"] == ["l2", "fd_pixel"]
     config = json.loads((out / "training_config.json").read_text())
     assert config["hub_token"] != secret and "--hub_token" in config["command"]
-    for root, _, files in os.walk(out):
-        for name in files:
-            assert secret.encode() not in open(os.path.join(root, name), "rb").read(), name
+    for folder in (out, audit):
+        for root, _, files in os.walk(folder):
+            for name in files:
+                assert secret.encode() not in open(os.path.join(root, name), "rb").read(), name
 
 
 @pytest.mark.parametrize("extra, match", [

@@ -18,7 +18,7 @@ SUBCOMMANDS = {
         "(CPU, minutes).",
     ),
     "evaluate": (
-        "diffusers_memdistill.evaluate_text_to_image:EvaluateCommand",
+        "diffusers_memdistill.evaluation.command",
         "Sample saved models with shared seeds and measure quality and memorization (text-to-image models prompt by "
         "prompt); writes metrics.json and report.md.",
     ),
@@ -41,8 +41,8 @@ SUBCOMMANDS = {
     ),
     "push": (
         "diffusers_memdistill.hub:PushCommand",
-        "Upload a saved model with its model card, figures and metrics to the Hugging Face Hub in one commit "
-        "(--dry_run writes the folder instead).",
+        "Audit a saved model for memorization, then upload it with its model card, figures and metrics to the "
+        "Hugging Face Hub in one commit (--dry_run writes the folder instead; --metrics uses an earlier audit).",
     ),
     "card": (
         "diffusers_memdistill.hub:CardCommand",

@@ -19,7 +19,7 @@ from scratch on the built-in digits and audited prompt by prompt, on a CPU, in m
    guidance w = 0, since the teacher has no meaningful unconditional prediction).
 5. Distil a one-step DMD generator from it (``distill_dmd.py`` in latent space, on the captions of the same mix; real
    guidance 1 for the same reason).
-6. Audit teacher and students together (one `evaluate_text_to_image` call, the same prompts and seeds: the teacher
+6. Audit teacher and students together (one `evaluation.evaluate` call, the same prompts and seeds: the teacher
    with 25 PNDM steps, the LCM student with 4 LCM steps, the DMD generator in 1 step) on the memorized and the held-out
    prompts, a few seeds each. SSCD and
    CLIP need weights that are not bundled (pass ``--sscd_onnx`` or ``--sscd_weights`` to add SSCD); the offline
@@ -49,7 +49,9 @@ import time
 import numpy as np
 import torch
 
-from .evaluate_text_to_image import TEXT_TO_IMAGE_METRICS
+from .evaluation.measures import MEASURES
+
+TEXT_TO_IMAGE_METRICS = tuple(m for m, measure in MEASURES.items() if "text-to-image" in measure.tasks)
 
 MEMORIZED_CAPTION = "a handwritten digit {label}, sample {number}"
 CLASS_CAPTION = "a handwritten digit {label}"
@@ -348,11 +350,11 @@ def main(args) -> int:
 
     print(f"[6/6] Auditing the teacher and its students on the memorized and held-out prompts (beside them, the model "
           f"in 4 LCM steps without distillation) -> {report_dir}")
-    from .evaluate_text_to_image import evaluate_text_to_image, render_text_to_image_report
+    from .evaluation import evaluate, render_report
 
     t = time.time()
     save_undistilled_lcm(model_dir, undistilled_dir)
-    results = evaluate_text_to_image(
+    results = evaluate(
         [model_dir, lcm_dir, dmd_dir, undistilled_dir], report_dir,
         names=[MODEL_NAME, LCM_NAME, DMD_NAME, UNDISTILLED_NAME], seed=args.seed, metrics=metrics,
         samples_per_prompt=cfg["samples_per_prompt"], guidance_scale=1.0,
@@ -370,6 +372,6 @@ def main(args) -> int:
         json.dump(record, f, indent=1)
     with open(os.path.join(report_dir, "report.md"), "a", encoding="utf-8") as f:
         f.write("\n" + render_demo_section(record))
-    print(render_text_to_image_report(results))
+    print(render_report(results))
     print(f"Done in {timings['total']:.0f} s. Report: {os.path.join(report_dir, 'report.md')}")
     return 0

@@ -10,7 +10,8 @@ model without a readable ``metrics.json`` is "not evaluated".
 
 `push_to_hub_folder` builds the exact folder that goes to the Hub (the pipeline in safetensors, its single-file
 pipeline for ``trust_remote_code`` loading, the card, the figures and ``metrics.json``), then publishes it in one
-commit. ``memdistill push`` and ``memdistill card`` are its command line.
+commit. ``memdistill push`` and ``memdistill card`` are its command line; ``memdistill push`` first audits the model
+for memorization (`hub_audit.audit_before_push`) unless it is given an earlier audit or ``--no_audit``.
 """
 
 from __future__ import annotations
@@ -393,9 +394,9 @@ def _row_from_entry(name, entry, role, where, slug, sscd_descriptions=None) -> M
 
 def _slug(name: str) -> str:
     # The figure names of memdistill evaluate.
-    from .evaluate import _slug as evaluate_slug
+    from .evaluation.models import slug
 
-    return evaluate_slug(name)
+    return slug(name)
 
 
 def _same_folder(a, b) -> bool:
@@ -473,6 +474,23 @@ def load_evaluation(model: ModelFolder, metrics_path: str | None, row_names=None
         return Evaluation(False, f"metrics.json is malformed ({exc})", path=metrics_path)
 
 
+def check_audit(model_dir: str, metrics_path: str, metrics_rows=None, kind: str | None = None) -> None:
+    r"""
+    Raise `ValueError` unless the card of ``model_dir`` can show its rows of ``metrics_path``: a pushed model's card
+    must carry its audit, never silently say "not evaluated".
+
+    Args:
+        model_dir (`str`): the saved model folder.
+        metrics_path (`str`): the audit's ``metrics.json``.
+        metrics_rows (`list[str]`, *optional*): names of the model's rows (default: the rows of its folder).
+        kind (`str`, *optional*): the card's kind, for a folder whose kind cannot be told (see `hub.KINDS`).
+    """
+    evaluation = load_evaluation(inspect_model_folder(model_dir, kind), metrics_path, metrics_rows)
+    if not evaluation.evaluated:
+        raise ValueError(f"{metrics_path} is no audit of {model_dir}: {evaluation.reason}. Pass the metrics.json of an "
+                         "audit of this model, or let it be audited before the upload.")
+
+
 def _weights_lines(weights) -> list:
     lines = []
     for metric, info in (weights or {}).items() if isinstance(weights, dict) else []:
@@ -489,45 +507,24 @@ def _weights_lines(weights) -> list:
     return lines
 
 
-def _text_to_image_results(results: dict) -> dict:
-    """A text-to-image audit's ``metrics.json`` in the rows of the image evaluation: each model's generations for the
-    training prompts (the row of its name) and for the held-out prompts (``"<name>, held-out prompts"``), with the
-    statistics against the whole training set (pixel L2 nearest-neighbour ratio, SSCD nearest similarity: the
-    criterion the floor row of held-out real images also has) and the CLIP score."""
-
-    def measures(section) -> dict:
-        """The statistics against the whole training set (``nearest``) of a section, and its CLIP score."""
-        out = {}
-        l2 = section.get("l2")
-        if isinstance(l2, dict) and isinstance(l2.get("nearest"), dict):
-            out["l2"] = l2["nearest"]
-        sscd = section.get("sscd")
-        if isinstance(sscd, dict):
-            per_preprocessing = {p: v["nearest"] for p, v in sscd.items()
-                                 if isinstance(v, dict) and isinstance(v.get("nearest"), dict)}
-            if per_preprocessing:
-                out["sscd"] = per_preprocessing
-        if isinstance(section.get("clip"), dict):
-            out["clip"] = section["clip"]
-        return out
-
-    models = {}
+def _model_rows(results: dict) -> dict:
+    """The rows of ``metrics.json``'s models: each model's own, and in a text-to-image audit also the row of its
+    held-out prompts (``"<name>, held-out prompts"``, the same measures of its generations for captions it never
+    trained on)."""
+    if results.get("task") != "text-to-image":
+        return results["models"]
+    rows = {}
     for name, entry in results["models"].items():
-        if not isinstance(entry, dict):
-            raise MalformedMetricsError(f"models[{name!r}] is a {type(entry).__name__}, not an object")
-        for part, prompt_set, row_name in (("training", "training prompts", name),
-                                           ("heldout", "held-out prompts", f"{name}, held-out prompts")):
-            if isinstance(entry.get(part), dict):
-                models[row_name] = {**{k: entry[k] for k in ("steps", "path", "kind") if k in entry},
-                                    "prompt_set": prompt_set, **measures(entry[part])}
-    floor = measures(results["floor"]) if isinstance(results.get("floor"), dict) else None
-    return {**results, "models": models, "floor": floor or None}
+        rows[name] = {**entry, "prompt_set": "training prompts"}
+        held = entry.get("heldout_prompts")
+        if isinstance(held, dict):
+            rows[f"{name}, held-out prompts"] = {**{k: entry[k] for k in ("steps", "path", "kind", "training_set")
+                                                    if k in entry}, "prompt_set": "held-out prompts", **held}
+    return rows
 
 
 def _evaluation_from_results(model, results, metrics_path, row_names) -> Evaluation:
-    if results.get("kind") == "text_to_image":
-        results = _text_to_image_results(results)
-    entries = results["models"]
+    entries = _model_rows(results)
     candidates = {model.path}
     saved_to = (model.training_config or {}).get("output_dir")
     if isinstance(saved_to, str):
@@ -836,6 +833,16 @@ def _sampling_rows(model: ModelFolder) -> list:
     return [(_cell(k), _cell(json.dumps(v))) for k, v in sorted(config.items()) if not k.startswith("_")]
 
 
+def _card_evaluation(model: ModelFolder, metrics_path, metrics_rows, unaudited) -> Evaluation:
+    """What the card reports: the evaluation in ``metrics_path``, or none for a model uploaded without an audit."""
+    if unaudited is None:
+        return load_evaluation(model, metrics_path, metrics_rows)
+    if metrics_path is not None:
+        raise ValueError(f"A model uploaded without an audit ({unaudited}) has no metrics.json: pass the metrics or "
+                         f"{unaudited}, not both.")
+    return Evaluation(False, f"This model was uploaded without a memorization audit ({unaudited})")
+
+
 def _template_path(kind: CardKind) -> str:
     return str(TEMPLATES_DIR / f"{kind.name}.md")
 
@@ -853,6 +860,7 @@ def render_model_card(
     figures_prefix: str = "figures",
     metrics_link: str | None = None,
     name: str | None = None,
+    unaudited: str | None = None,
 ):
     r"""
     The model card of a saved model, rendered with `huggingface_hub.ModelCard.from_template`.
@@ -872,6 +880,9 @@ def render_model_card(
         figures_prefix (`str`): the folder, relative to the card, where its figures are placed.
         metrics_link (`str`, *optional*): where ``metrics.json`` is placed relative to the card, if it is.
         name (`str`, *optional*): the model's name on the card (default: the repository's or the folder's name).
+        unaudited (`str`, *optional*): the flag with which the model is uploaded without a memorization audit
+            (``"--no_audit"``, ``"--push_without_audit"``): the card says so plainly and shows no measurement, not
+            even of a ``metrics.json`` beside the model. Not with ``metrics_path``.
 
     Returns:
         `tuple[huggingface_hub.ModelCard, list[tuple[str, str]]]`: the card and the figures it shows, as
@@ -883,7 +894,7 @@ def render_model_card(
     if base_model is not None:
         validate_hub_repo_id(base_model)
     model = inspect_model_folder(model_dir, kind)
-    evaluation = load_evaluation(model, metrics_path, metrics_rows)
+    evaluation = _card_evaluation(model, metrics_path, metrics_rows, unaudited)
     lineage_ = lineage(model, base_model, license)
     record = model.training_set or {}
     dataset = record.get("dataset") if isinstance(record.get("dataset"), str) else None
@@ -957,7 +968,7 @@ def render_model_card(
         histograms=histograms, training_grid=training_grid,
         unmeasured=unmeasured_metrics(evaluation, model) if evaluation.evaluated else [], settings=evaluation.settings,
         sscd_preprocessings=[(variant, text) for variant, text in evaluation.sscd_preprocessings.items()],
-        config=model.training_config or {}, metrics_link=metrics_link,
+        config=model.training_config or {}, metrics_link=metrics_link, unaudited=unaudited,
     )
     # The shared parts are templates of their own that the kind's template places (from_template has no includes).
     for part in ("warning", "sections"):
@@ -1046,7 +1057,7 @@ def build_upload_folder(
     files = _pipeline_files(model)
     card, figures = render_model_card(model.path, metrics_path=metrics_path, repo_id=repo_id,
                                       metrics_link="metrics.json", **card_kwargs)
-    evaluation = load_evaluation(model, metrics_path, card_kwargs.get("metrics_rows"))
+    evaluation = _card_evaluation(model, metrics_path, card_kwargs.get("metrics_rows"), card_kwargs.get("unaudited"))
     # Written beside the destination and moved into place when complete: a failure leaves no partial folder.
     os.makedirs(os.path.dirname(output_dir), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-upload-", dir=os.path.dirname(output_dir))
@@ -1088,6 +1099,17 @@ def validate_hub_repo_id(repo_id: str) -> str:
     return repo_id
 
 
+def require_token(token: str | None = None) -> str:
+    """``token``, or huggingface_hub's (``HF_TOKEN`` or ``hf auth login``); `HubTokenError` when there is none."""
+    from huggingface_hub import get_token
+
+    token = token or get_token()
+    if not token:
+        raise HubTokenError("No Hugging Face token: log in with `hf auth login` or set HF_TOKEN (nothing was "
+                            "uploaded).")
+    return token
+
+
 def push_to_hub_folder(
     model_dir: str,
     repo_id: str,
@@ -1115,8 +1137,9 @@ def push_to_hub_folder(
         private (`bool`): create the repository as private (an existing repository keeps its visibility).
         revision (`str`, *optional*): the branch to commit to (created from the default branch if missing).
         dry_run_dir (`str`, *optional*): write the upload folder there and upload nothing.
-        metrics_path (`str`, *optional*): the ``metrics.json`` of ``memdistill evaluate`` for this model.
-        card_kwargs: passed to [`render_model_card`] (``base_model``, ``license``, ``kind``...).
+        metrics_path (`str`, *optional*): the ``metrics.json`` of ``memdistill evaluate`` for this model
+            ([`~hub_audit.audit_before_push`] writes one).
+        card_kwargs: passed to [`render_model_card`] (``base_model``, ``license``, ``kind``, ``unaudited``...).
 
     Returns:
         `str`: the commit URL, or ``dry_run_dir`` for a dry run.
@@ -1126,12 +1149,9 @@ def push_to_hub_folder(
     if dry_run_dir is not None:
         return build_upload_folder(model_dir, dry_run_dir, repo_id=repo_id, metrics_path=metrics_path, token=token,
                                    **card_kwargs)
-    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+    from huggingface_hub import CommitOperationAdd, HfApi
 
-    token = token or get_token()
-    if not token:
-        raise HubTokenError("No Hugging Face token: log in with `hf auth login` or set HF_TOKEN (nothing was "
-                            "uploaded).")
+    token = require_token(token)
     with tempfile.TemporaryDirectory(prefix="memdistill-upload-") as tmp:
         folder = build_upload_folder(model_dir, os.path.join(tmp, "upload"), repo_id=repo_id,
                                      metrics_path=metrics_path, token=token, **card_kwargs)
@@ -1157,10 +1177,16 @@ def push_to_hub_folder(
 _USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, HubTokenError)
 
 
-def _add_card_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--metrics", default=None, metavar="PATH",
-                        help="metrics.json of memdistill evaluate for this model (default: DIR/metrics.json if any; "
-                             "without one the card says 'not evaluated').")
+def _add_card_arguments(parser: argparse.ArgumentParser, push: bool = False) -> None:
+    if push:
+        parser.add_argument("--metrics", default=None, metavar="PATH",
+                            help="metrics.json of an earlier audit (memdistill evaluate) of this model: its card is "
+                                 "made from it and the model is not audited again (default: audit it before the "
+                                 "upload).")
+    else:
+        parser.add_argument("--metrics", default=None, metavar="PATH",
+                            help="metrics.json of memdistill evaluate for this model (default: DIR/metrics.json if "
+                                 "any; without one the card says 'not evaluated').")
     parser.add_argument("--metrics_rows", default=None,
                         help="Comma-separated names of this model's rows in metrics.json (default: matched by path).")
     parser.add_argument("--base_model", default=None,
@@ -1178,8 +1204,16 @@ def _card_kwargs(args) -> dict:
                 warning_threshold=args.warning_threshold, name=args.name)
 
 
+# The flags of the audit before the push: name -> the keyword of `hub_audit.audit_before_push`.
+_AUDIT_FLAGS = {"audit_num_samples": "num_samples", "audit_metrics": "metrics", "audit_output_dir": "output_dir",
+                "audit_device": "device", "sscd_weights": "sscd_weights", "sscd_onnx": "sscd_onnx",
+                "inception_weights": "inception_weights"}
+
+
 class PushCommand:
-    """``memdistill push --model DIR --repo_id USER/NAME [--private] [--revision] [--dry_run [DIR]]``."""
+    """``memdistill push --model DIR --repo_id USER/NAME [--private] [--revision] [--dry_run [DIR]]``: audits the
+    model for memorization first (`hub_audit.audit_before_push`), unless ``--metrics PATH`` gives an earlier audit or
+    ``--no_audit`` uploads it without one (and its card says so)."""
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -1188,8 +1222,28 @@ class PushCommand:
         parser.add_argument("--private", action="store_true", help="Create the repository as private.")
         parser.add_argument("--revision", default=None, help="Branch to commit to (default: main).")
         parser.add_argument("--dry_run", nargs="?", const="", default=None, metavar="DIR",
-                            help="Write the exact upload folder (to DIR, default ./NAME-upload) and upload nothing.")
-        _add_card_arguments(parser)
+                            help="Write the exact upload folder (to DIR, default ./NAME-upload) and upload nothing; "
+                                 "the model is audited as for an upload.")
+        _add_card_arguments(parser, push=True)
+        from .hub_audit import DEFAULT_AUDIT_NUM_SAMPLES
+
+        audit = parser.add_argument_group("the memorization audit before the upload")
+        audit.add_argument("--no_audit", action="store_true",
+                           help="Upload without a memorization audit; the card then says so plainly.")
+        audit.add_argument("--audit_num_samples", type=int, default=None,
+                           help=f"Samples of the model in the audit (default {DEFAULT_AUDIT_NUM_SAMPLES}; for a "
+                                "text-to-image model, generations for its training prompts, 4 per prompt).")
+        audit.add_argument("--audit_metrics", default=None,
+                           help="Comma-separated metrics of the audit (default l2,fd_pixel; l2 for text-to-image "
+                                "models: neither needs pretrained weights). sscd, fid and clip need their weights.")
+        audit.add_argument("--audit_output_dir", default=None, metavar="DIR",
+                           help="Folder of the audit, outside the model folder (default: DIR-audit beside the model; "
+                                "an earlier audit of the same model there is replaced).")
+        audit.add_argument("--audit_device", default=None, help="cuda or cpu (default: CUDA when available).")
+        audit.add_argument("--sscd_weights", default=None, help="SSCD TorchScript file or URL (audit metric sscd).")
+        audit.add_argument("--sscd_onnx", default=None, help="SSCD ONNX file, instead of --sscd_weights.")
+        audit.add_argument("--inception_weights", default=None,
+                           help="FID Inception TorchScript file or URL (audit metric fid).")
 
     @staticmethod
     def main(args) -> int:
@@ -1201,11 +1255,36 @@ class PushCommand:
 
     @staticmethod
     def _run(args) -> int:
+        # Everything that would refuse the upload is checked before the audit, which may take a while.
+        validate_hub_repo_id(args.repo_id)
+        inspect_model_folder(args.model, args.kind)
         dry_run_dir = None
         if args.dry_run is not None:
-            dry_run_dir = args.dry_run or os.path.abspath(f"{args.repo_id.split('/')[-1]}-upload")
+            dry_run_dir = os.path.abspath(args.dry_run or f"{args.repo_id.split('/')[-1]}-upload")
+            if os.path.exists(dry_run_dir) and (not os.path.isdir(dry_run_dir) or os.listdir(dry_run_dir)):
+                raise FileExistsError(f"{dry_run_dir} exists and is not empty; the upload folder is written to a new "
+                                      "folder.")
+        else:
+            require_token()
+        given = [f"--{flag}" for flag in _AUDIT_FLAGS if getattr(args, flag) is not None]
+        skipped_by = "--no_audit" if args.no_audit else ("--metrics" if args.metrics is not None else None)
+        if args.no_audit and args.metrics is not None:
+            raise ValueError("--metrics gives an audit and --no_audit uploads without one: pass one of them.")
+        if skipped_by and given:
+            raise ValueError(f"{', '.join(given)} set the audit, which {skipped_by} skips: drop one or the other.")
+        from .hub_audit import audit_before_push
+
+        metrics_path = args.metrics
+        if not args.no_audit:
+            if metrics_path is None:
+                metrics_path = audit_before_push(args.model, **{keyword: getattr(args, flag)
+                                                                for flag, keyword in _AUDIT_FLAGS.items()})
+                print(f"Audited {args.model}: {metrics_path}")
+            # The card must carry the audit: one it cannot read this model's rows from stops the upload.
+            check_audit(args.model, metrics_path, _card_kwargs(args)["metrics_rows"], args.kind)
         result = push_to_hub_folder(args.model, args.repo_id, private=args.private, revision=args.revision,
-                                    dry_run_dir=dry_run_dir, metrics_path=args.metrics, **_card_kwargs(args))
+                                    dry_run_dir=dry_run_dir, metrics_path=metrics_path,
+                                    unaudited="--no_audit" if args.no_audit else None, **_card_kwargs(args))
         if dry_run_dir is not None:
             print(f"Wrote the upload folder to {result}; nothing was uploaded.")
         else:

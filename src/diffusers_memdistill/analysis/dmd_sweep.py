@@ -85,7 +85,7 @@ def main(args) -> int:
     start = time.time()
 
     from ..recipes import DMD_ARGS, TEACHER_ARGS
-    from ..evaluate import evaluate
+    from ..evaluation import evaluate
     from ..training import distill_dmd, train_edm_teacher
     from ..training.runner import export_snapshot, reset_accelerate_state
     from ..training.utils import list_checkpoints

@@ -285,7 +285,7 @@ def main(args) -> int:
     start = time.time()
 
     from ..recipes import CD_ARGS, DMD_ARGS, PD_ARGS, TEACHER_ARGS
-    from ..evaluate import evaluate
+    from ..evaluation import evaluate
     from ..pipelines.pipeline_refined import RefinedPipeline
     from ..training import distill_consistency, distill_dmd, distill_progressive, train_edm_teacher
     from ..training.runner import reset_accelerate_state

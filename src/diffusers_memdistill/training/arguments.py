@@ -76,6 +76,15 @@ def add_training_args(parser: argparse.ArgumentParser, learning_rate: float, tra
     h.add_argument("--hub_token", default=None,
                    help="A Hub token (default: huggingface_hub's login or HF_TOKEN); never logged or written.")
     h.add_argument("--hub_private_repo", action="store_true", help="Create the repository as private.")
+    h.add_argument("--push_audit_num_samples", type=int, default=None,
+                   help="Samples of the memorization audit that runs before the push (default 1000; for a "
+                        "text-to-image model, generations for its training prompts, 4 per prompt). The audit is "
+                        "written beside the model, to OUTPUT_DIR-audit.")
+    h.add_argument("--push_audit_metrics", default=None,
+                   help="Comma-separated metrics of that audit (default l2,fd_pixel; l2 for text-to-image models: "
+                        "neither needs pretrained weights).")
+    h.add_argument("--push_without_audit", action="store_true",
+                   help="Push without the memorization audit; the card then says so plainly.")
 
     e = parser.add_argument_group("EMA of the saved weights")
     e.add_argument("--ema_sigma_rel", type=float, default=None,
@@ -191,8 +200,22 @@ def validate_training_args(parser: argparse.ArgumentParser, args, protected_path
         if not (args.hub_token or get_token()):
             parser.error("--push_to_hub needs a Hugging Face token: log in with `hf auth login`, set HF_TOKEN or "
                          "pass --hub_token.")
-    elif args.hub_model_id or args.hub_token:
-        parser.error("--hub_model_id and --hub_token are used with --push_to_hub.")
+        if args.push_without_audit and (args.push_audit_num_samples is not None
+                                        or args.push_audit_metrics is not None):
+            parser.error("--push_audit_num_samples and --push_audit_metrics set the audit that --push_without_audit "
+                         "skips: pass one or the other.")
+        if args.push_audit_num_samples is not None and args.push_audit_num_samples < 2:
+            parser.error(f"--push_audit_num_samples must be at least 2, got {args.push_audit_num_samples}.")
+        from ..hub_audit import parse_audit_metrics
+
+        try:
+            parse_audit_metrics(args.push_audit_metrics)
+        except ValueError as exc:
+            parser.error(f"--push_audit_metrics: {exc}")
+    elif args.hub_model_id or args.hub_token or args.push_without_audit or args.push_audit_num_samples is not None \
+            or args.push_audit_metrics is not None:
+        parser.error("--hub_model_id, --hub_token, --push_audit_num_samples, --push_audit_metrics and "
+                     "--push_without_audit are used with --push_to_hub.")
     if args.overwrite_output_dir and args.resume_from_checkpoint:
         parser.error("--overwrite_output_dir deletes the run that --resume_from_checkpoint continues: pass one.")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):

@@ -786,20 +786,47 @@ class TrainingRunner:
                 self._append_history({"event": "finished", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                       "step": args.max_train_steps})
                 acc.wait_for_everyone()
-                if getattr(args, "push_to_hub", False) and acc.is_main_process and plan.export is not None:
-                    # After everything is written (and past the last barrier, so that a failed upload never leaves the
-                    # other processes waiting): the card, the single-file pipeline and the weights in one commit.
+                if getattr(args, "push_to_hub", False) and plan.export is not None:
+                    # After everything is written: the memorization audit (every process samples its share), then,
+                    # past the audit's last barrier so that a failed upload never leaves the other processes waiting,
+                    # the card (made from the audit), the single-file pipeline and the weights in one commit.
                     from .. import hub
 
-                    url = hub.push_to_hub_folder(self.output_dir, args.hub_model_id, token=args.hub_token,
-                                                 private=args.hub_private_repo)
-                    self.print(f"Pushed the finished model to {url}.")
+                    metrics_path = self._audit_before_push(args)
+                    if acc.is_main_process:
+                        url = hub.push_to_hub_folder(
+                            self.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo,
+                            metrics_path=metrics_path,
+                            unaudited="--push_without_audit" if metrics_path is None else None)
+                        self.print(f"Pushed the finished model to {url}.")
         finally:
             progress.close()
             if previous_handler is not None:
                 signal.signal(signal.SIGTERM, previous_handler)
             acc.end_training()
         return plain_nets
+
+    def _audit_before_push(self, args) -> str | None:
+        """Every process, before ``--push_to_hub``: audit the finished model (`hub_audit.audit_before_push`, into
+        ``<output_dir>-audit``, each process sampling its share) and return its ``metrics.json``; None with
+        ``--push_without_audit``."""
+        if getattr(args, "push_without_audit", False):
+            return None
+        from ..hub import check_audit
+        from ..hub_audit import audit_before_push
+
+        try:
+            metrics_path = audit_before_push(self.output_dir, num_samples=getattr(args, "push_audit_num_samples", None),
+                                             metrics=getattr(args, "push_audit_metrics", None),
+                                             device=str(self.accelerator.device))
+            if self.accelerator.is_main_process:
+                check_audit(self.output_dir, metrics_path)  # the card must carry the audit
+            return metrics_path
+        except Exception as exc:
+            raise RuntimeError(
+                f"The memorization audit before the push failed ({type(exc).__name__}: {exc}); nothing was uploaded. "
+                f"The model is saved in {self.output_dir}: push it with `memdistill push --model {self.output_dir} "
+                f"--repo_id {args.hub_model_id}`.") from exc
 
     def _validate(self, plan, nets, step: int) -> None:
         """Main process: the script's validation images, saved as grids and sent to every tracker."""

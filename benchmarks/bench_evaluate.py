@@ -1,0 +1,169 @@
+"""Samples per second through the whole audit (`memdistill evaluate`), on one process and on two, one thread each, in
+one command; where the time goes (sampling, feature extraction, search, references, summary); and what the cache of
+the training set's features saves a second audit.
+
+    python benchmarks/bench_evaluate.py --json /tmp/bench_evaluate.json          # 2,048 samples per model
+    python benchmarks/bench_evaluate.py --quick                                  # 64 samples (the test suite)
+
+The audited models are seeded tiny networks of the test suite's size (1×8×8 digits): an EDM teacher sampled with 4
+Heun steps (7 network evaluations) and a consistency student at 1 and 2 steps, 3 rows, with the teacher's Φ_8 pairing
+targets, against 200 training digits and as many held-out ones as samples (the floor). Measures: L2 ratio, pixel FD,
+pairing and SSCD with a stand-in extractor (a seeded random 3-layer convolutional network on the 288×288 SSCD
+preprocessing, 512-d output: the shape of SSCD's work without its weights) or, with ``--sscd_onnx FILE``, the real
+int8 SSCD. Each configuration runs as its own command (``python`` for one process, ``accelerate launch
+--num_processes 2`` for two, ``OMP_NUM_THREADS=1`` for both) into a fresh folder with a fresh feature cache; the
+third run repeats the one-process audit into a new folder with the cache of the first, warm. The phases come from
+the audit's own ``timings/process-<i>.json`` (the slowest process per phase).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num_samples", type=int, default=2048, help="samples per model row")
+    parser.add_argument("--shard_size", type=int, default=128)
+    parser.add_argument("--quick", action="store_true", help="64 samples, shards of 16 (for a test)")
+    parser.add_argument("--sscd_onnx", default=None, help="the int8 SSCD ONNX model instead of the stand-in")
+    parser.add_argument("--work_dir", default=None, help="where the models and audits go (default: a temporary one)")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_cache", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.num_samples, args.shard_size = 64, 16
+    return args
+
+
+class StandIn(object):
+    """A seeded random convolutional network in SSCD's place (preprocessing ``sscd``: 288×288, 512-d)."""
+
+    @staticmethod
+    def extractor():
+        import torch
+
+        from diffusers_memdistill.metrics import SSCDFeatureExtractor
+
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(32, 64, 3, stride=2, padding=1), torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(256, 512)).eval()
+        return SSCDFeatureExtractor(net, preprocessing="sscd", device="cpu", batch_size=64)
+
+
+def make_models(root: str) -> list:
+    import torch
+
+    from diffusers_memdistill.data import build_training_set
+    from diffusers_memdistill.models.presets import build_unet
+    from diffusers_memdistill.pipelines.pipeline_consistency import ConsistencyStudentPipeline
+    from diffusers_memdistill.pipelines.pipeline_edm import EDMPipeline
+    from diffusers_memdistill.schedulers.scheduling_consistency import ConsistencyStudentScheduler
+    from diffusers_memdistill.schedulers.scheduling_edm_heun import EDMHeunScheduler
+
+    training_set = build_training_set("digits", 8, num_train_images=200)
+    torch.manual_seed(0)
+    EDMPipeline(build_unet("tiny", 8, 1, 0), EDMHeunScheduler(num_inference_steps=4)).save_pretrained(
+        os.path.join(root, "teacher"))
+    torch.manual_seed(1)
+    ConsistencyStudentPipeline(build_unet("tiny", 8, 1, 0), ConsistencyStudentScheduler()).save_pretrained(
+        os.path.join(root, "student"))
+    for name in ("teacher", "student"):
+        training_set.save(os.path.join(root, name))
+    return [os.path.join(root, "teacher"), os.path.join(root, "student")]
+
+
+def worker(args) -> None:
+    """One audit (run on every process of the launch)."""
+    from diffusers_memdistill.evaluation import evaluate
+
+    root = os.path.dirname(args._worker)
+    models = [os.path.join(root, "models", "teacher"), os.path.join(root, "models", "student")]
+    extractors = None if args.sscd_onnx else {"sscd": {"sscd": StandIn.extractor()}}
+    evaluate(models, args._worker, num_samples=args.num_samples, metrics=("l2", "fd_pixel", "sscd", "pairing"),
+             student_steps=(1, 2), device="cpu", shard_size=args.shard_size, batch_size=args.shard_size,
+             cache_dir=args._cache, sscd_onnx=args.sscd_onnx, extractors=extractors, progress=False)
+
+
+def run_audit(args, root: str, name: str, processes: int, cache: str) -> dict:
+    out = os.path.join(root, name)
+    script = [os.path.abspath(__file__), "--_worker", out, "--_cache", cache, "--num_samples", str(args.num_samples),
+              "--shard_size", str(args.shard_size)] + (["--sscd_onnx", args.sscd_onnx] if args.sscd_onnx else [])
+    if processes == 1:
+        cmd = [sys.executable, *script]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *script]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    start = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - start
+    if result.returncode:
+        raise RuntimeError(f"{name} failed:\n{result.stderr[-3000:]}")
+    phases: dict = {}
+    for f in os.listdir(os.path.join(out, "timings")):
+        with open(os.path.join(out, "timings", f)) as fh:
+            for phase, seconds in json.load(fh)["seconds"].items():
+                phases[phase] = max(phases.get(phase, 0.0), seconds)
+    with open(os.path.join(out, "metrics.json")) as fh:
+        results = json.load(fh)
+    rows = len(results["models"])
+    samples = rows * results["num_samples"]
+    return {"processes": processes, "wall_seconds": wall, "samples": samples, "samples_per_second": samples / wall,
+            "phases_seconds": phases, "phase_shares": {k: v / wall for k, v in phases.items()}, "metrics": results}
+
+
+def main(args) -> dict:
+    if args._worker:
+        worker(args)
+        return {}
+    tmp = None
+    root = args.work_dir
+    if root is None:
+        tmp = tempfile.TemporaryDirectory(prefix="bench_evaluate-")
+        root = tmp.name
+    try:
+        make_models(os.path.join(root, "models"))
+        one = run_audit(args, root, "one", 1, os.path.join(root, "cache-one"))
+        two = run_audit(args, root, "two", 2, os.path.join(root, "cache-two"))
+        warm = run_audit(args, root, "one-warm-cache", 1, os.path.join(root, "cache-one"))
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    from diffusers_memdistill.evaluation import compare_results
+
+    equal, differences = compare_results(one.pop("metrics"), two.pop("metrics"), rtol=1e-9)
+    warm.pop("metrics")
+    out = {"num_samples_per_row": args.num_samples, "shard_size": args.shard_size,
+           "sscd": "onnx int8" if args.sscd_onnx else "stand-in", "one_process": one, "two_processes": two,
+           "speedup": one["wall_seconds"] / two["wall_seconds"], "second_audit_warm_cache": warm,
+           "references_seconds_cold": one["phases_seconds"].get("references"),
+           "references_seconds_warm": warm["phases_seconds"].get("references"),
+           "numbers_equal": not differences, "numbers_compared": equal, "cpu_count": os.cpu_count()}
+    for label, r in (("1 process ", one), ("2 processes", two), ("1 process, warm cache", warm)):
+        shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(r["phase_shares"].items()))
+        print(f"{label}: {r['samples']} samples in {r['wall_seconds']:.1f} s = {r['samples_per_second']:.1f} "
+              f"samples/s ({shares})")
+    print(f"speedup of 2 processes: {out['speedup']:.2f}x; numbers equal to one process: {out['numbers_equal']} "
+          f"({equal} compared); training-set features: {out['references_seconds_cold']:.2f} s cold, "
+          f"{out['references_seconds_warm']:.2f} s from the cache")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    main(parse_args())

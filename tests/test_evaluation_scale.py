@@ -1,0 +1,143 @@
+"""The audit at scale: split over two processes (gloo) it gives the numbers of one process, an audit killed mid-run
+continues from its shards to the numbers of an uninterrupted one, and another audit's folder is refused."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import tiny_unet, write_pairs
+from diffusers_memdistill.data import build_training_set
+from diffusers_memdistill.evaluation import compare_results, evaluate
+from diffusers_memdistill.pipelines.pipeline_consistency import ConsistencyStudentPipeline
+from diffusers_memdistill.pipelines.pipeline_edm import EDMPipeline
+from diffusers_memdistill.schedulers.scheduling_consistency import ConsistencyStudentScheduler
+from diffusers_memdistill.schedulers.scheduling_edm_heun import EDMHeunScheduler
+
+# One thread per process in every run, so that the float sums of the networks are the same in every process.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def pixel_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    training_set = build_training_set("digits", 8, num_train_images=20)
+    EDMPipeline(tiny_unet(seed=0), EDMHeunScheduler(num_inference_steps=4)).save_pretrained(root / "teacher")
+    ConsistencyStudentPipeline(tiny_unet(seed=1), ConsistencyStudentScheduler()).save_pretrained(root / "student")
+    for name in ("teacher", "student"):
+        training_set.save(root / name)
+    return root
+
+
+def _evaluate_command(processes: int, argv: list) -> list:
+    if processes == 1:
+        return [sys.executable, "-m", "diffusers_memdistill.cli", "evaluate", *argv]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "-m", "diffusers_memdistill.cli", "evaluate", *argv]
+
+
+def _run(processes: int, argv: list, cwd) -> dict:
+    result = subprocess.run(_evaluate_command(processes, [str(a) for a in argv]), capture_output=True, text=True,
+                            timeout=400, env=ENV, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = argv[argv.index("--output_dir") + 1]
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _assert_equal_numbers(a: dict, b: dict):
+    # Counts and memorized fractions exactly, every other statistic within 1e-9 (relative); the comparison is exact.
+    equal, differences = compare_results(a, b, rtol=1e-9)
+    assert differences == [] and equal > 40
+    for name, m in a["models"].items():
+        assert m["l2"]["num_memorized"] == b["models"][name]["l2"]["num_memorized"]
+        assert m["l2"]["fraction_memorized"] == b["models"][name]["l2"]["fraction_memorized"]
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_numbers_of_one_pixel(pixel_models, tmp_path):
+    argv = ["--model", pixel_models / "teacher", "--model", pixel_models / "student", "--num_samples", 18,
+            "--shard_size", 4, "--student_steps", "1,2", "--metrics", "l2,fd_pixel,pairing", "--device", "cpu",
+            "--cache_dir", tmp_path / "cache"]
+    one = _run(1, argv + ["--output_dir", tmp_path / "one"], tmp_path)
+    two = _run(2, argv + ["--output_dir", tmp_path / "two"], tmp_path)
+    assert one["floor"] and set(one["models"]) == {"teacher", "student (1-step)", "student (2-step)"}
+    _assert_equal_numbers(one, two)
+    # Five shards of 4, 4, 4, 4 and 2 samples, each written once, by either process.
+    folder = tmp_path / "two" / "samples" / "student__2-step"
+    shards = sorted(os.listdir(folder))
+    assert shards == [f"shard-{k:05d}.safetensors" for k in range(5)]
+    # Shard k was sampled by process k mod 2.
+    assert [_writer(folder / f) for f in shards] == [0, 1, 0, 1, 0]
+
+
+def _writer(path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["process"])
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_numbers_of_one_text_to_image(tmp_path):
+    from diffusers_memdistill.models.tiny_sd import save_tiny_sd_pipeline
+
+    model = save_tiny_sd_pipeline(str(tmp_path / "sd"), resolution=16)
+    pairs = write_pairs(tmp_path / "pairs", 6, "a photo number", 0)
+    argv = ["--model", model, "--train_data", pairs, "--metrics", "l2", "--samples_per_prompt", 2,
+            "--num_inference_steps", 2, "--guidance_scale", 2, "--shard_size", 3, "--device", "cpu",
+            "--cache_dir", tmp_path / "cache"]
+    one = _run(1, argv + ["--output_dir", tmp_path / "one"], tmp_path)
+    two = _run(2, argv + ["--output_dir", tmp_path / "two"], tmp_path)
+    assert one["task"] == "text-to-image" and len(one["models"]["sd"]["prompts"]) == 6
+    _assert_equal_numbers(one, two)
+    assert one["models"]["sd"]["l2_own"] == two["models"]["sd"]["l2_own"]
+
+
+@pytest.mark.slow
+def test_an_audit_killed_mid_run_continues_to_the_numbers_of_an_uninterrupted_one(pixel_models, tmp_path):
+    argv = [str(a) for a in ["--model", pixel_models / "teacher", "--model", pixel_models / "student",
+                             "--num_samples", 60, "--shard_size", 2, "--batch_size", 2, "--metrics", "l2,fd_pixel",
+                             "--device", "cpu", "--cache_dir", tmp_path / "cache"]]
+    out = tmp_path / "killed"
+    process = subprocess.Popen(_evaluate_command(1, argv + ["--output_dir", str(out)]), env=ENV, cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    teacher_shards = out / "samples" / "teacher"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if teacher_shards.is_dir() and len([f for f in os.listdir(teacher_shards) if f.startswith("shard-")]) >= 3:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the audit ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "metrics.json").exists()
+    kept = {f: os.stat(teacher_shards / f).st_mtime_ns for f in os.listdir(teacher_shards)
+            if f.startswith("shard-")}
+    assert 3 <= len(kept) < 30
+    resumed = _run(1, argv + ["--output_dir", out], tmp_path)
+    # The shards already written are kept, not sampled again; the missing ones are added.
+    assert all(os.stat(teacher_shards / f).st_mtime_ns == t for f, t in kept.items())
+    assert len([f for f in os.listdir(teacher_shards) if f.startswith("shard-")]) == 30
+    uninterrupted = _run(1, argv + ["--output_dir", tmp_path / "whole"], tmp_path)
+    _assert_equal_numbers(uninterrupted, resumed)
+
+
+def test_an_audit_of_other_models_data_or_flags_is_refused(pixel_models, tmp_path):
+    common = dict(num_samples=4, metrics=("l2",), device="cpu", floor=False, cache_dir=str(tmp_path / "cache"),
+                  progress=False)
+    out = str(tmp_path / "audit")
+    first = evaluate([str(pixel_models / "teacher")], out, seed=0, **common)
+    # The same command again: everything is on disk, the numbers are those of the first run.
+    again = evaluate([str(pixel_models / "teacher")], out, seed=0, **common)
+    assert compare_results(first, again)[1] == []
+    with pytest.raises(ValueError, match=r"holds an audit of other models, data or flags \(seed: 0 on disk, 1 now"):
+        evaluate([str(pixel_models / "teacher")], out, seed=1, **common)
+    with pytest.raises(ValueError, match=r"models"):
+        evaluate([str(pixel_models / "student")], out, seed=0, **common)
+    with pytest.raises(ValueError, match=r"settings.metrics"):
+        evaluate([str(pixel_models / "teacher")], out, seed=0, **{**common, "metrics": ("l2", "fd_pixel")})
