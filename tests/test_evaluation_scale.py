@@ -141,3 +141,13 @@ def test_an_audit_of_other_models_data_or_flags_is_refused(pixel_models, tmp_pat
         evaluate([str(pixel_models / "student")], out, seed=0, **common)
     with pytest.raises(ValueError, match=r"settings.metrics"):
         evaluate([str(pixel_models / "teacher")], out, seed=0, **{**common, "metrics": ("l2", "fd_pixel")})
+
+
+def test_an_audit_never_writes_into_a_saved_model_or_over_a_file(pixel_models, tmp_path):
+    teacher = str(pixel_models / "teacher")
+    with pytest.raises(ValueError, match="is a saved model; audit into a folder of its own"):
+        evaluate([teacher], teacher, num_samples=4, metrics=("l2",), device="cpu", progress=False)
+    assert not (pixel_models / "teacher" / "samples").exists()
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ValueError, match="is a file"):
+        evaluate([teacher], str(tmp_path / "file"), num_samples=4, metrics=("l2",), device="cpu", progress=False)

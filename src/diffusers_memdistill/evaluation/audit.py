@@ -21,6 +21,7 @@ processes.
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 from tqdm.auto import tqdm
@@ -37,7 +38,7 @@ from .store import (DEFAULT_SHARD_SIZE, MANIFEST_NAME, SAMPLES_DIR, STORE_FORMAT
                     shard_ranges, write_json)
 from .streams import (STREAM_INJECTED_NOISE, check_seed, noise_description, shared_labels, shared_noise,
                       stream_generators)
-from .summary import summarize
+from .summary import run_stages, summarize
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -201,6 +202,9 @@ def _measure_and_write(ctx: MeasureContext, progress: bool, recomputed_from: str
         prepare_references(ctx, progress)
     measure_shards(ctx, ctx.manifest["runs"] + ctx.manifest["floor_runs"], progress)
     ctx.procs.wait()
+    with ctx.timings("run stages"):
+        run_stages(ctx)
+    ctx.procs.wait()
     path = os.path.join(ctx.output_dir, "metrics.json")
     if ctx.procs.is_main:
         with ctx.timings("summary"):
@@ -214,6 +218,17 @@ def _measure_and_write(ctx: MeasureContext, progress: bool, recomputed_from: str
     ctx.timings.write(ctx.output_dir, ctx.procs)
     ctx.procs.wait()
     return read_json(path)
+
+
+def check_output_dir(output_dir: str) -> None:
+    """An audit never writes into a saved model (its samples and reports would be uploaded with it) nor over a file."""
+    from .models import is_lora_folder
+
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"--output_dir {output_dir} is a file; give a folder for the audit.")
+    if os.path.isfile(os.path.join(output_dir, "model_index.json")) or (
+            os.path.isdir(output_dir) and is_lora_folder(output_dir)):
+        raise ValueError(f"--output_dir {output_dir} is a saved model; audit into a folder of its own.")
 
 
 def evaluate(
@@ -309,9 +324,12 @@ def evaluate(
     shard_ranges(1, shard_size)  # checks it
     device = device_of(device)
     procs = Processes.current(device)
+    check_output_dir(output_dir)
     samples_dir = os.path.join(output_dir, SAMPLES_DIR)
 
     # 1. The plan.
+    timings = Timings()
+    plan_started = time.perf_counter()
     pairs = None
     if task == "image":
         runs, pipelines, train_sets, heldout, notes = _plan_image(
@@ -376,8 +394,9 @@ def evaluate(
             write_json(manifest_path, manifest)
     procs.wait()
 
+    timings.seconds["plan"] = time.perf_counter() - plan_started
+
     # 2. Samples, shard by shard.
-    timings = Timings()
     with timings("sampling"):
         for run in runs:
             pipeline, registration = pipelines[run["name"]]
@@ -474,6 +493,7 @@ def evaluate_from_samples(
                     "floor_notes": {tid: "not requested (--no_floor)" for tid in train_sets}}
         heldout = {} if manifest["task"] == "image" else heldout
     pairs = load_training_set(os.path.join(folder, manifest["pairs"]["record"])) if manifest["pairs"] else None
+    check_output_dir(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     ctx = MeasureContext(manifest, settings, folder, output_dir, os.path.join(output_dir, "figures"), device, procs,
                          load_extractors(settings, device, extractors), train_sets, heldout, pairs)

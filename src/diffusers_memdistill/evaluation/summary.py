@@ -10,8 +10,8 @@ import torch
 
 from . import measures as M
 from .per_sample import MeasureContext, gather
-from .results import SCHEMA, versions
-from .store import TEACHER_TARGETS, load_array
+from .results import SCHEMA, strict_json, versions
+from .store import TEACHER_TARGETS, load_array, read_json, write_json
 
 
 def _groups(ts):
@@ -109,9 +109,7 @@ def memo_ratio(distances):
 
 
 def summarize(ctx: MeasureContext, recomputed_from: str | None, errors: dict) -> dict:
-    """``metrics.json`` from every shard's per-sample outputs (main process)."""
-    from ..training.utils import save_image_grid
-
+    """``metrics.json`` from every shard's per-sample outputs and every run's stage (main process)."""
     m = ctx.manifest
     runs = [r for r in m["runs"]]
     floors = [r for r in m["floor_runs"]]
@@ -138,13 +136,12 @@ def summarize(ctx: MeasureContext, recomputed_from: str | None, errors: dict) ->
             "near_duplicates": {}}
         if ctx.text_to_image:
             results["training_sets"][tid]["num_audited_pairs"] = len(ctx.pairs)
-    figures = ctx.figures_dir
     few = set()
-    all_samples, all_per = {}, {}
+    all_per = {}
     for run in runs + floors:
         samples = load_array(ctx.run_folder(run), ctx.num_samples(run), m["shard_size"])
         per = gather(ctx, run)
-        all_samples[run["name"]], all_per[run["name"]] = samples, per
+        all_per[run["name"]] = per
         nan = ~torch.isfinite(samples).flatten(1).all(1)
         if ctx.text_to_image and run["kind"] != "floor":
             c = m["conditions"]
@@ -201,17 +198,10 @@ def summarize(ctx: MeasureContext, recomputed_from: str | None, errors: dict) ->
                 model["heldout_prompts"] = h
             _most_copied_figure(ctx, run, samples[main], c, own_t, s)
         else:
-            save_image_grid(samples[:64], os.path.join(figures, f"samples_{run['slug']}.png"), nrow=8)
-            if "_l2" in entry:
-                from ..metrics.figures import plot_memorized_grid
-
-                # Only the training images the figure can show, so that a million-image set is never made float.
-                ts = ctx.train_sets[run["training_set"]]
-                nn = entry["_l2"].nn_indices
-                shown = nn[nn >= 0].unique()
-                local = torch.where(nn >= 0, torch.searchsorted(shown, nn.clamp_min(0)), nn)
-                plot_memorized_grid(samples, ts.images[shown].float() / 255.0, local, entry["_l2"].ratios, num=8,
-                                    most_memorized="lowest", path=os.path.join(figures, f"memorized_{run['slug']}.png"))
+            stage = read_json(run_stage_path(ctx, run))
+            if stage["pairing"] is not None:
+                model["pairing"] = stage["pairing"]
+            results["warnings"] += stage["warnings"]
         results["models"][run["name"]] = model
     if few:
         results["warnings"].append(
@@ -220,8 +210,9 @@ def summarize(ctx: MeasureContext, recomputed_from: str | None, errors: dict) ->
             "this report, never with published FIDs (50,000 samples).")
     if not ctx.text_to_image:
         _histograms(ctx, results, all_per, runs + floors)
-        if "pairing" in ctx.settings["metrics"]:
-            _pairing(ctx, results, all_samples)
+        if "pairing" in ctx.settings["metrics"] and ctx.manifest["teacher_targets"] is None:
+            results["errors"]["pairing"] = ("pairing needs a teacher with an ODE map (e.g. an EDMPipeline) and at "
+                                            "least one student or one-step generator among the models.")
         lpips = {r["name"]: r["training_config"].get("lpips_sha256") for r in runs
                  if r["training_config"].get("loss") == "lpips"}
         if lpips:
@@ -275,49 +266,76 @@ def _near_duplicates(ctx, results):
                                      path=os.path.join(ctx.figures_dir, f"near_duplicates_{tid}_sscd_{p}.png"))
 
 
-def _pairing(ctx, results, all_samples):
-    from ..metrics import copying_diagnostics, pairing_inefficiency
-    from ..metrics.figures import plot_copying_diagnostics, plot_distance_heatmap, plot_pairing_pca
+def run_stage_path(ctx: MeasureContext, run) -> str:
+    return os.path.join(ctx.measures_folder(run), "run.json")
 
+
+def run_stage(ctx: MeasureContext, run) -> dict:
+    """What a pixel model's row needs of all its samples at once, computed by one process for the whole run: its
+    sample grid, its most memorized samples beside their nearest training images, and a student's pairing with the
+    teacher (003 Def. 3.1: ΔE, δ(z), D(z), with their figures). Written to ``measures/<run>/run.json``."""
+    from ..metrics import copying_diagnostics, memorization_ratio, pairing_inefficiency
+    from ..metrics.figures import (plot_copying_diagnostics, plot_distance_heatmap, plot_memorized_grid,
+                                   plot_pairing_pca)
+    from ..training.utils import save_image_grid
+
+    fig = lambda what: os.path.join(ctx.figures_dir, f"{what}_{run['slug']}.png")  # noqa: E731
+    samples = load_array(ctx.run_folder(run), ctx.num_samples(run), ctx.manifest["shard_size"])
+    save_image_grid(samples[:64], fig("samples"), nrow=8)
+    per = gather(ctx, run)
+    ts = ctx.train_sets[run["training_set"]]
+    if "l2_nn_indices" in per:
+        # Only the training images the figure can show, so that a million-image set is never made float.
+        nn = per["l2_nn_indices"]
+        shown = nn[nn >= 0].unique()
+        local = torch.where(nn >= 0, torch.searchsorted(shown, nn.clamp_min(0)), nn)
+        plot_memorized_grid(samples, ts.images[shown].float() / 255.0, local,
+                            memorization_ratio(per["l2_nn_distances"]), num=8, most_memorized="lowest",
+                            path=fig("memorized"))
+    out = {"pairing": None, "warnings": []}
     entry = ctx.manifest["teacher_targets"]
-    if entry is None:
-        results["errors"]["pairing"] = ("pairing needs a teacher with an ODE map (e.g. an EDMPipeline) and at least "
-                                        "one student or one-step generator among the models.")
-        return
+    if "pairing" not in ctx.settings["metrics"] or entry is None or run["kind"] not in ("student", "generator"):
+        return out
     folder = os.path.join(ctx.samples_dir, TEACHER_TARGETS)
     n, size = ctx.manifest["num_samples"], ctx.manifest["shard_size"]
     phi_k, phi_1 = load_array(folder, n, size, "phi_k"), load_array(folder, n, size, "phi_1")
     train = (ctx.train_sets[entry["training_set"]].images.float() / 255.0).flatten(1)
     finite_targets = torch.isfinite(phi_k).flatten(1).all(1) & torch.isfinite(phi_1).flatten(1).all(1)
-    for r in ctx.manifest["runs"]:
-        if r["kind"] not in ("student", "generator"):
-            continue
-        g = all_samples[r["name"]]
-        # The pairing is undefined with NaN outputs: it is measured over the noises where all three are finite.
-        keep = finite_targets & torch.isfinite(g).flatten(1).all(1)
-        kept = int(keep.sum())
-        out = {"teacher": entry["teacher"], "teacher_steps": entry["teacher_steps"], "num_noises": kept,
-               "num_excluded_nonfinite": int(g.shape[0] - kept)}
-        if kept < 2:
-            out.update({"delta_e": None, "e_dt": None, "e_ot": None, "fraction_fixed": None, "delta_mean": None,
+    # The pairing is undefined with NaN outputs: it is measured over the noises where all three are finite.
+    keep = finite_targets & torch.isfinite(samples).flatten(1).all(1)
+    kept = int(keep.sum())
+    pairing = {"teacher": entry["teacher"], "teacher_steps": entry["teacher_steps"], "num_noises": kept,
+               "num_excluded_nonfinite": int(samples.shape[0] - kept)}
+    if kept < 2:
+        pairing.update({"delta_e": None, "e_dt": None, "e_ot": None, "fraction_fixed": None, "delta_mean": None,
                         "delta_fraction_negative": None, "delta_distance_correlation": None})
-            results["models"][r["name"]]["pairing"] = out
-            results["warnings"].append(f"{r['name']}: pairing not measured, only {kept} noises give finite teacher "
-                                       "and student outputs.")
-            continue
-        t8, t1, s = phi_k[keep].flatten(1), phi_1[keep].flatten(1), g[keep].flatten(1)
+        out["warnings"].append(f"{run['name']}: pairing not measured, only {kept} noises give finite teacher and "
+                               "student outputs.")
+    else:
+        t8, t1, s = phi_k[keep].flatten(1), phi_1[keep].flatten(1), samples[keep].flatten(1)
         res = pairing_inefficiency(t8, s)
         diag = copying_diagnostics(t8, t1, s, train)
         # 003 Fig. 5: copying (negative δ) concentrates where D(z) is large, a negative Pearson correlation.
         correlation = torch.corrcoef(torch.stack([diag.delta.double(), diag.mean_train_distance.double()]))[0, 1]
-        out.update({**res.to_dict(), "delta_mean": float(diag.delta.mean()),
-                    "delta_fraction_negative": float((diag.delta < 0).double().mean()),
-                    "delta_distance_correlation": float(correlation)})
-        results["models"][r["name"]]["pairing"] = out
-        fig = lambda what: os.path.join(ctx.figures_dir, f"{what}_{r['slug']}.png")  # noqa: E731
+        pairing.update({**res.to_dict(), "delta_mean": float(diag.delta.mean()),
+                        "delta_fraction_negative": float((diag.delta < 0).double().mean()),
+                        "delta_distance_correlation": float(correlation)})
         plot_pairing_pca(t8, t1, s, path=fig("pairing_pca"))
         plot_distance_heatmap(t8, s, num=min(100, kept), path=fig("pairing_heatmap"))
         plot_copying_diagnostics(diag.delta, diag.mean_train_distance, path=fig("copying"))
+    out["pairing"] = pairing
+    return out
+
+
+def run_stages(ctx: MeasureContext) -> None:
+    """Every pixel model's run stage, the models split over the processes (model k on process k mod N); a stage
+    already written is kept."""
+    if ctx.text_to_image:
+        return
+    for k, run in enumerate(ctx.manifest["runs"]):
+        if k % ctx.procs.count == ctx.procs.index and not os.path.isfile(run_stage_path(ctx, run)):
+            clean, _ = strict_json(run_stage(ctx, run))
+            write_json(run_stage_path(ctx, run), clean)
 
 
 def _most_copied_figure(ctx, run, generated, conditions, own_t, s):
@@ -346,4 +364,4 @@ def _most_copied_figure(ctx, run, generated, conditions, own_t, s):
 
 
 
-__all__ = ["summarize"]
+__all__ = ["run_stage", "run_stages", "summarize"]
