@@ -33,6 +33,7 @@ class MeasureContext:
     references: dict = field(default_factory=dict)  # (training set id, space) -> ReferenceFeatures
     timings: Timings = field(default_factory=Timings)
     distinct_pixels: dict = field(default_factory=dict)  # training set id -> (distinct rows, their indices)
+    reference_stats: dict = field(default_factory=dict)  # (training set id, space) -> FeatureStats
 
     @property
     def text_to_image(self) -> bool:

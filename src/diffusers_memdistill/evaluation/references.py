@@ -286,6 +286,19 @@ class ReferenceFeatures:
     process_index: int = field(default=0, repr=False, compare=False)
     wait_for_everyone: Callable[[], None] = field(default=_no_barrier, repr=False, compare=False)
 
+    def statistics(self):
+        r"""
+        Mean and covariance of the features ([`~diffusers_memdistill.metrics.feature_statistics`], the training
+        set's side of FID and pixel FD), from file reads of row chunks rather than the memory map, so that the pages
+        of ``features.npy`` read for them do not stay in this process's memory.
+
+        Returns:
+            [`~diffusers_memdistill.metrics.FeatureStats`]
+        """
+        from ..metrics import feature_statistics
+
+        return feature_statistics(_FileRows(os.path.join(self.path, FEATURES_NAME), tuple(self.features.shape)))
+
     def distinct(self) -> tuple[torch.Tensor, torch.Tensor]:
         r"""
         The distinct rows of the features: the first occurrence of each set of bitwise-equal rows, in order.
@@ -324,6 +337,22 @@ def _read_rows_into(f, offset: int, row_bytes: int, start: int, buf: np.ndarray)
     got = f.readinto(view)
     if got != len(view):
         raise OSError(f"{f.name} is shorter than its header says (rows from {start}).")
+
+
+class _FileRows:
+    """Row slices of an (N, D) float32 ``.npy`` file read with ``readinto`` (no mapping): what `feature_statistics`
+    needs of an array (``shape``, ``ndim``, ``[start:stop]``)."""
+
+    def __init__(self, path: str, shape: tuple):
+        self.path, self.shape, self.ndim = path, shape, len(shape)
+        self.offset = _npy_layout(path)[2]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, _ = rows.indices(self.shape[0])
+        buf = np.empty((max(0, stop - start), self.shape[1]), dtype=np.float32)
+        with open(self.path, "rb") as f:
+            _read_rows_into(f, self.offset, 4 * self.shape[1], start, buf)
+        return buf
 
 
 def _hash_weights(d: int) -> np.ndarray:

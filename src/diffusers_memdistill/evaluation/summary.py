@@ -57,17 +57,11 @@ def _subset_measures(ctx: MeasureContext, run, per: dict, samples: torch.Tensor,
     return entry
 
 
-_STATS_CACHE: dict = {}
-
-
 def _reference_stats(ctx, tid, space):
-    from ..metrics import feature_statistics
-
-    ref = ctx.references[tid, space]
-    if ref.key not in _STATS_CACHE:
-        _STATS_CACHE.clear() if len(_STATS_CACHE) > 8 else None
-        _STATS_CACHE[ref.key] = feature_statistics(ref.features)
-    return _STATS_CACHE[ref.key]
+    """The training set's Fréchet statistics in a feature space, computed once per audit."""
+    if (tid, space) not in ctx.reference_stats:
+        ctx.reference_stats[tid, space] = ctx.references[tid, space].statistics()
+    return ctx.reference_stats[tid, space]
 
 
 def _own_measures(ctx, per, samples, sel, owners, own_set, s) -> dict:
