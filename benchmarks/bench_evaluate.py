@@ -41,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_cache", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--_ceiling", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--_ceiling", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.num_samples, args.shard_size = 32, 8
@@ -100,24 +100,24 @@ def worker(args) -> None:
              cache_dir=args._cache, sscd_onnx=args.sscd_onnx, extractors=extractors, progress=False)
 
 
-def ceiling_worker() -> None:
-    """Seconds of one feature-extraction workload (the stand-in on 512 images), one thread."""
+def ceiling_worker(num_images: int) -> None:
+    """Seconds of one feature-extraction workload (the stand-in on ``num_images`` images), one thread."""
     import torch
 
     torch.set_num_threads(1)
     extractor = StandIn.extractor()
-    images = torch.rand(512, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    images = torch.rand(num_images, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     extractor(images[:8])
     start = time.perf_counter()
     extractor(images)
     print(json.dumps({"seconds": time.perf_counter() - start}))
 
 
-def machine_ceiling() -> dict:
+def machine_ceiling(num_images: int) -> dict:
     """What this machine gives two processes: the same workload alone, then two copies at once. Two copies taking
     longer each than one alone means two cores do not deliver twice the work (shared caches, memory bandwidth,
     SMT siblings): ``ceiling = 2 · alone / together`` is the speedup two processes can reach at best."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--_ceiling"]
+    cmd = [sys.executable, os.path.abspath(__file__), "--_ceiling", str(num_images)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     read = lambda p: json.loads(p.communicate()[0].strip().splitlines()[-1])["seconds"]  # noqa: E731
     alone = read(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env))
@@ -159,7 +159,7 @@ def main(args) -> dict:
         worker(args)
         return {}
     if args._ceiling:
-        ceiling_worker()
+        ceiling_worker(args._ceiling)
         return {}
     tmp = None
     root = args.work_dir
@@ -168,13 +168,13 @@ def main(args) -> dict:
         root = tmp.name
     try:
         make_models(os.path.join(root, "models"))
-        # A first, untimed audit of a few samples: the libraries' files are read from disk once, not in a timed run.
-        run_audit(argparse.Namespace(**{**vars(args), "num_samples": 8, "shard_size": 8}), root, "warm-up", 1,
-                  os.path.join(root, "cache-warm-up"))
+        if not args.quick:  # an untimed audit of a few samples: the libraries are read from disk before any timing
+            run_audit(argparse.Namespace(**{**vars(args), "num_samples": 8, "shard_size": 8}), root, "warm-up", 1,
+                      os.path.join(root, "cache-warm-up"))
         one = run_audit(args, root, "one", 1, os.path.join(root, "cache-one"))
         two = run_audit(args, root, "two", 2, os.path.join(root, "cache-two"))
         warm = run_audit(args, root, "one-warm-cache", 1, os.path.join(root, "cache-one"))
-        ceiling = machine_ceiling()
+        ceiling = machine_ceiling(64 if args.quick else 512)
     finally:
         if tmp is not None:
             tmp.cleanup()

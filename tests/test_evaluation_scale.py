@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -45,7 +46,7 @@ def _run(processes: int, argv: list, cwd) -> dict:
     result = subprocess.run(_evaluate_command(processes, [str(a) for a in argv]), capture_output=True, text=True,
                             timeout=400, env=ENV, cwd=cwd)
     assert result.returncode == 0, result.stderr[-4000:]
-    out = argv[argv.index("--output_dir") + 1]
+    out = Path(str(argv[argv.index("--output_dir") + 1]))
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -58,21 +59,30 @@ def _assert_equal_numbers(a: dict, b: dict):
         assert m["l2"]["fraction_memorized"] == b["models"][name]["l2"]["fraction_memorized"]
 
 
+def _pixel_argv(pixel_models, cache) -> list:
+    # 9 shards of 2 samples per row: enough to kill an audit between two of them.
+    return ["--model", pixel_models / "teacher", "--model", pixel_models / "student", "--num_samples", 18,
+            "--shard_size", 2, "--batch_size", 2, "--student_steps", "1,2", "--metrics", "l2,fd_pixel,pairing",
+            "--device", "cpu", "--cache_dir", cache]
+
+
+@pytest.fixture(scope="module")
+def one_process_audit(pixel_models, tmp_path_factory):
+    """The pixel audit on one process, uninterrupted: what the other runs must equal."""
+    root = tmp_path_factory.mktemp("one")
+    return _run(1, _pixel_argv(pixel_models, root / "cache") + ["--output_dir", root / "audit"], root)
+
+
 @pytest.mark.slow
-def test_two_processes_give_the_numbers_of_one_pixel(pixel_models, tmp_path):
-    argv = ["--model", pixel_models / "teacher", "--model", pixel_models / "student", "--num_samples", 18,
-            "--shard_size", 4, "--student_steps", "1,2", "--metrics", "l2,fd_pixel,pairing", "--device", "cpu",
-            "--cache_dir", tmp_path / "cache"]
-    one = _run(1, argv + ["--output_dir", tmp_path / "one"], tmp_path)
-    two = _run(2, argv + ["--output_dir", tmp_path / "two"], tmp_path)
-    assert one["floor"] and set(one["models"]) == {"teacher", "student (1-step)", "student (2-step)"}
-    _assert_equal_numbers(one, two)
-    # Five shards of 4, 4, 4, 4 and 2 samples, each written once, by either process.
+def test_two_processes_give_the_numbers_of_one_pixel(pixel_models, one_process_audit, tmp_path):
+    two = _run(2, _pixel_argv(pixel_models, tmp_path / "cache") + ["--output_dir", tmp_path / "two"], tmp_path)
+    assert one_process_audit["floor"] and set(two["models"]) == {"teacher", "student (1-step)", "student (2-step)"}
+    _assert_equal_numbers(one_process_audit, two)
     folder = tmp_path / "two" / "samples" / "student__2-step"
     shards = sorted(os.listdir(folder))
-    assert shards == [f"shard-{k:05d}.safetensors" for k in range(5)]
+    assert shards == [f"shard-{k:05d}.safetensors" for k in range(9)]
     # Shard k was sampled by process k mod 2.
-    assert [_writer(folder / f) for f in shards] == [0, 1, 0, 1, 0]
+    assert [_writer(folder / f) for f in shards] == [k % 2 for k in range(9)]
 
 
 def _writer(path) -> int:
@@ -99,32 +109,30 @@ def test_two_processes_give_the_numbers_of_one_text_to_image(tmp_path):
 
 
 @pytest.mark.slow
-def test_an_audit_killed_mid_run_continues_to_the_numbers_of_an_uninterrupted_one(pixel_models, tmp_path):
-    argv = [str(a) for a in ["--model", pixel_models / "teacher", "--model", pixel_models / "student",
-                             "--num_samples", 60, "--shard_size", 2, "--batch_size", 2, "--metrics", "l2,fd_pixel",
-                             "--device", "cpu", "--cache_dir", tmp_path / "cache"]]
+def test_an_audit_killed_mid_run_continues_to_the_numbers_of_an_uninterrupted_one(pixel_models, one_process_audit,
+                                                                                  tmp_path):
     out = tmp_path / "killed"
-    process = subprocess.Popen(_evaluate_command(1, argv + ["--output_dir", str(out)]), env=ENV, cwd=tmp_path,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    argv = [str(a) for a in _pixel_argv(pixel_models, tmp_path / "cache") + ["--output_dir", out]]
+    process = subprocess.Popen(_evaluate_command(1, argv), env=ENV, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
     teacher_shards = out / "samples" / "teacher"
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
         if teacher_shards.is_dir() and len([f for f in os.listdir(teacher_shards) if f.startswith("shard-")]) >= 3:
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
     assert process.poll() is None, "the audit ended before it could be killed"
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (out / "metrics.json").exists()
     kept = {f: os.stat(teacher_shards / f).st_mtime_ns for f in os.listdir(teacher_shards)
             if f.startswith("shard-")}
-    assert 3 <= len(kept) < 30
-    resumed = _run(1, argv + ["--output_dir", out], tmp_path)
+    assert 3 <= len(kept) < 9
+    resumed = _run(1, argv, tmp_path)
     # The shards already written are kept, not sampled again; the missing ones are added.
     assert all(os.stat(teacher_shards / f).st_mtime_ns == t for f, t in kept.items())
-    assert len([f for f in os.listdir(teacher_shards) if f.startswith("shard-")]) == 30
-    uninterrupted = _run(1, argv + ["--output_dir", tmp_path / "whole"], tmp_path)
-    _assert_equal_numbers(uninterrupted, resumed)
+    assert len([f for f in os.listdir(teacher_shards) if f.startswith("shard-")]) == 9
+    _assert_equal_numbers(one_process_audit, resumed)
 
 
 def test_an_audit_of_other_models_data_or_flags_is_refused(pixel_models, tmp_path):
