@@ -41,6 +41,23 @@ def tiny_unet(resolution=8, channels=1, num_classes=0, seed=0):
     return build_unet("tiny", resolution, channels, num_classes)
 
 
+def save_teacher_and_student(root):
+    """A tiny EDM teacher (4 Heun steps) and consistency student saved under ``root``, each with the training-set
+    record of 20 digits; returns their two folders."""
+    from diffusers_memdistill.data import build_training_set
+    from diffusers_memdistill.pipelines.pipeline_consistency import ConsistencyStudentPipeline
+    from diffusers_memdistill.pipelines.pipeline_edm import EDMPipeline
+    from diffusers_memdistill.schedulers.scheduling_consistency import ConsistencyStudentScheduler
+    from diffusers_memdistill.schedulers.scheduling_edm_heun import EDMHeunScheduler
+
+    training_set = build_training_set("digits", 8, num_train_images=20)
+    EDMPipeline(tiny_unet(seed=0), EDMHeunScheduler(num_inference_steps=4)).save_pretrained(root / "teacher")
+    ConsistencyStudentPipeline(tiny_unet(seed=1), ConsistencyStudentScheduler()).save_pretrained(root / "student")
+    for name in ("teacher", "student"):
+        training_set.save(root / name)
+    return root / "teacher", root / "student"
+
+
 def run_without_package(code: str, tmp_path) -> subprocess.CompletedProcess:
     """Run Python code in a subprocess where `import diffusers_memdistill` fails, as on a machine without it."""
     prelude = "import sys; sys.modules['diffusers_memdistill'] = None\n"

@@ -9,16 +9,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import tiny_unet
+from conftest import save_teacher_and_student
 from diffusers_memdistill.evaluation import audit as ev
 from diffusers_memdistill.evaluation import per_sample
 from diffusers_memdistill.cli import main as cli_main
-from diffusers_memdistill.data import build_training_set
 from diffusers_memdistill.evaluation import compare_results, evaluate, evaluate_from_samples, stream_seeds, strict_json
-from diffusers_memdistill.pipelines.pipeline_consistency import ConsistencyStudentPipeline
-from diffusers_memdistill.pipelines.pipeline_edm import EDMPipeline
-from diffusers_memdistill.schedulers.scheduling_consistency import ConsistencyStudentScheduler
-from diffusers_memdistill.schedulers.scheduling_edm_heun import EDMHeunScheduler
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 
@@ -47,11 +42,7 @@ def weights(tmp_path_factory):
 @pytest.fixture(scope="module")
 def teacher_and_student(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    training_set = build_training_set("digits", 8, num_train_images=20)
-    EDMPipeline(tiny_unet(seed=0), EDMHeunScheduler(num_inference_steps=4)).save_pretrained(root / "teacher")
-    ConsistencyStudentPipeline(tiny_unet(seed=1), ConsistencyStudentScheduler()).save_pretrained(root / "student")
-    for name in ("teacher", "student"):
-        training_set.save(root / name)
+    save_teacher_and_student(root)
     lpips = {"backbone": "ab" * 32, "head": "cd" * 32}
     (root / "student" / "training_config.json").write_text(json.dumps({"loss": "lpips", "lpips_sha256": lpips}))
     return root / "teacher", root / "student"

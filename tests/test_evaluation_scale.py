@@ -11,13 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_unet, write_pairs
-from diffusers_memdistill.data import build_training_set
+from conftest import save_teacher_and_student, write_pairs
 from diffusers_memdistill.evaluation import compare_results, evaluate
-from diffusers_memdistill.pipelines.pipeline_consistency import ConsistencyStudentPipeline
-from diffusers_memdistill.pipelines.pipeline_edm import EDMPipeline
-from diffusers_memdistill.schedulers.scheduling_consistency import ConsistencyStudentScheduler
-from diffusers_memdistill.schedulers.scheduling_edm_heun import EDMHeunScheduler
 
 # One thread per process in every run, so that the float sums of the networks are the same in every process.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -26,11 +21,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBU
 @pytest.fixture(scope="module")
 def pixel_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    training_set = build_training_set("digits", 8, num_train_images=20)
-    EDMPipeline(tiny_unet(seed=0), EDMHeunScheduler(num_inference_steps=4)).save_pretrained(root / "teacher")
-    ConsistencyStudentPipeline(tiny_unet(seed=1), ConsistencyStudentScheduler()).save_pretrained(root / "student")
-    for name in ("teacher", "student"):
-        training_set.save(root / name)
+    save_teacher_and_student(root)
     return root
 
 
