@@ -19,6 +19,10 @@ MEASURES_DIR = "measures"
 
 @dataclass
 class MeasureContext:
+    """What the measures of one audit read: its manifest and settings, where its samples and outputs are, its
+    processes, its extractors and data sets, and what is computed once for all shards (the training sets' features,
+    their distinct pixel rows and Fréchet statistics, the phase timings)."""
+
     manifest: dict
     settings: dict
     samples_dir: str
