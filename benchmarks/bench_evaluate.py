@@ -3,7 +3,7 @@ one command; where the time goes (sampling, feature extraction, search, referenc
 the training set's features saves a second audit.
 
     python benchmarks/bench_evaluate.py --json /tmp/bench_evaluate.json          # 2,048 samples per model
-    python benchmarks/bench_evaluate.py --quick                                  # 32 samples (the test suite)
+    python benchmarks/bench_evaluate.py --quick                                  # 16 samples (the test suite)
 
 The audited models are seeded tiny networks of the test suite's size (1×8×8 digits): an EDM teacher sampled with 4
 Heun steps (7 network evaluations) and a consistency student at 1 and 2 steps, 3 rows, with the teacher's Φ_8 pairing
@@ -35,7 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num_samples", type=int, default=2048, help="samples per model row")
     parser.add_argument("--shard_size", type=int, default=128)
-    parser.add_argument("--quick", action="store_true", help="32 samples, shards of 8 (for a test)")
+    parser.add_argument("--quick", action="store_true",
+                        help="16 samples, shards of 8, no SSCD stand-in, no second audit, no measurement of the "
+                             "machine's ceiling (for a test)")
     parser.add_argument("--sscd_onnx", default=None, help="the int8 SSCD ONNX model instead of the stand-in")
     parser.add_argument("--work_dir", default=None, help="where the models and audits go (default: a temporary one)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
@@ -44,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--_ceiling", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
-        args.num_samples, args.shard_size = 32, 8
+        args.num_samples, args.shard_size = 16, 8
     return args
 
 
@@ -94,8 +96,10 @@ def worker(args) -> None:
 
     root = os.path.dirname(args._worker)
     models = [os.path.join(root, "models", "teacher"), os.path.join(root, "models", "student")]
-    extractors = None if args.sscd_onnx else {"sscd": {"sscd": StandIn.extractor()}}
-    evaluate(models, args._worker, num_samples=args.num_samples, metrics=("l2", "fd_pixel", "sscd", "pairing"),
+    # --quick (the test suite) measures without SSCD: no feature network, the pipeline's stages all the same.
+    extractors = None if args.sscd_onnx or args.quick else {"sscd": {"sscd": StandIn.extractor()}}
+    metrics = ("l2", "fd_pixel", "pairing") + (() if args.quick else ("sscd",))
+    evaluate(models, args._worker, num_samples=args.num_samples, metrics=metrics,
              student_steps=(1, 2), device="cpu", shard_size=args.shard_size, batch_size=args.shard_size,
              cache_dir=args._cache, sscd_onnx=args.sscd_onnx, extractors=extractors, progress=False)
 
@@ -129,7 +133,8 @@ def machine_ceiling(num_images: int) -> dict:
 def run_audit(args, root: str, name: str, processes: int, cache: str) -> dict:
     out = os.path.join(root, name)
     script = [os.path.abspath(__file__), "--_worker", out, "--_cache", cache, "--num_samples", str(args.num_samples),
-              "--shard_size", str(args.shard_size)] + (["--sscd_onnx", args.sscd_onnx] if args.sscd_onnx else [])
+              "--shard_size", str(args.shard_size)] + (["--sscd_onnx", args.sscd_onnx] if args.sscd_onnx else []) \
+        + (["--quick"] if args.quick else [])
     if processes == 1:
         cmd = [sys.executable, *script]
     else:
@@ -173,31 +178,36 @@ def main(args) -> dict:
                       os.path.join(root, "cache-warm-up"))
         one = run_audit(args, root, "one", 1, os.path.join(root, "cache-one"))
         two = run_audit(args, root, "two", 2, os.path.join(root, "cache-two"))
-        warm = run_audit(args, root, "one-warm-cache", 1, os.path.join(root, "cache-one"))
-        ceiling = machine_ceiling(64 if args.quick else 512)
+        # --quick (the test suite) leaves out the second audit; tests/test_evaluation_references.py checks the cache.
+        warm = None if args.quick else run_audit(args, root, "one-warm-cache", 1, os.path.join(root, "cache-one"))
+        ceiling = None if args.quick else machine_ceiling(512)  # --quick checks the audits, not the machine
     finally:
         if tmp is not None:
             tmp.cleanup()
     from diffusers_memdistill.evaluation import compare_results
 
     equal, differences = compare_results(one.pop("metrics"), two.pop("metrics"), rtol=1e-9)
-    warm.pop("metrics")
+    if warm is not None:
+        warm.pop("metrics")
     out = {"num_samples_per_row": args.num_samples, "shard_size": args.shard_size,
            "sscd": "onnx int8" if args.sscd_onnx else "stand-in", "one_process": one, "two_processes": two,
            "speedup": one["wall_seconds"] / two["wall_seconds"], "second_audit_warm_cache": warm,
            "references_seconds_cold": one["phases_seconds"].get("references"),
-           "references_seconds_warm": warm["phases_seconds"].get("references"),
+           "references_seconds_warm": None if warm is None else warm["phases_seconds"].get("references"),
            "numbers_equal": not differences, "numbers_compared": equal, "cpu_count": os.cpu_count(),
            "machine": ceiling}
     for label, r in (("1 process ", one), ("2 processes", two), ("1 process, warm cache", warm)):
+        if r is None:
+            continue
         shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(r["phase_shares"].items()))
         print(f"{label}: {r['samples']} samples in {r['wall_seconds']:.1f} s = {r['samples_per_second']:.1f} "
               f"samples/s ({shares})")
     print(f"speedup of 2 processes: {out['speedup']:.2f}x; numbers equal to one process: {out['numbers_equal']} "
-          f"({equal} compared); training-set features: {out['references_seconds_cold']:.2f} s cold, "
-          f"{out['references_seconds_warm']:.2f} s from the cache")
-    print(f"this machine, the same feature work alone and two copies at once: {ceiling['alone_seconds']:.2f} s, "
-          f"{ceiling['two_at_once_seconds']:.2f} s: two processes can reach {ceiling['ceiling']:.2f}x at best")
+          f"({equal} compared); training-set features: {out['references_seconds_cold']:.2f} s cold"
+          + ("" if warm is None else f", {out['references_seconds_warm']:.2f} s from the cache"))
+    if ceiling is not None:
+        print(f"this machine, the same feature work alone and two copies at once: {ceiling['alone_seconds']:.2f} s, "
+              f"{ceiling['two_at_once_seconds']:.2f} s: two processes can reach {ceiling['ceiling']:.2f}x at best")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

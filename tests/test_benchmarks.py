@@ -63,16 +63,14 @@ def test_lcm_benchmark_counts_six_unet_passes_per_step(tmp_path):
 
 @pytest.mark.slow
 def test_audit_benchmark_runs_one_and_two_processes_with_equal_numbers(tmp_path):
-    """benchmarks/bench_evaluate.py --quick: the whole audit on one process and on two (gloo), one thread each, then a
-    second audit that finds the training set's features in the cache."""
+    """benchmarks/bench_evaluate.py --quick: the whole audit on one process and on two (gloo), one thread each."""
     spec = importlib.util.spec_from_file_location("bench_evaluate", REPO / "benchmarks" / "bench_evaluate.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = bench.main(bench.parse_args(["--quick", "--json", str(tmp_path / "r.json")]))
-    assert out["numbers_equal"] and out["numbers_compared"] > 100
+    assert out["numbers_equal"] and out["numbers_compared"] > 50
     assert json.loads((tmp_path / "r.json").read_text())["speedup"] == out["speedup"]
-    for run in ("one_process", "two_processes", "second_audit_warm_cache"):
-        assert out[run]["samples"] == 3 * 32 and out[run]["samples_per_second"] > 0
-        assert {"sampling", "references", "summary"} <= set(out[run]["phases_seconds"])
-    # The second audit reads the training set's features back instead of computing them.
-    assert out["references_seconds_warm"] < out["references_seconds_cold"]
+    for run in ("one_process", "two_processes"):
+        assert out[run]["processes"] == (1 if run == "one_process" else 2)
+        assert out[run]["samples"] == 3 * 16 and out[run]["samples_per_second"] > 0
+        assert {"sampling", "references", "run stages", "summary"} <= set(out[run]["phases_seconds"])
