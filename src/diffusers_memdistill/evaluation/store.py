@@ -52,9 +52,13 @@ def read_json(path: str) -> dict:
 
 def write_safetensors(path: str, tensors: dict, metadata: dict) -> None:
     """Atomic write; through ``open`` so that the file gets the usual permissions (save_file makes it private)."""
+    import glob
+
     from safetensors.torch import save
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    for stale in glob.glob(glob.escape(path) + ".tmp*"):  # left by a process killed while writing this very file
+        os.remove(stale)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
