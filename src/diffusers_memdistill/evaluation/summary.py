@@ -20,7 +20,7 @@ def _groups(ts):
     return ["repeated" if int(k) > 1 else "non-repeated" for k in ts.repeats]
 
 
-def _subset_measures(ctx: MeasureContext, run, per: dict, samples: torch.Tensor, sel: slice, results: dict) -> dict:
+def _subset_measures(ctx: MeasureContext, run, per: dict, samples: torch.Tensor, sel: slice) -> dict:
     """The statistics of one run's samples ``sel``: the same dictionary for models, held-out prompts and floors."""
     from ..metrics import fid_from_features, pixel_memorization_from_neighbours, sscd_memorization_from_neighbours
 
@@ -87,26 +87,21 @@ def _own_measures(ctx, per, samples, sel, owners, own_set, s) -> dict:
 
 
 def _prompt_rows(ctx, prompts, per, sel, own_t, s):
+    from ..metrics import memorization_ratio
+
     first = next(iter(ctx.extractors.sscd), None)
     sscd = (own_t["sscd"][first], per[f"sscd-{first}_similarity"][sel], per[f"sscd-{first}_nn_index"][sel]) \
         if first else (None, None, None)
-    l2 = (own_t["l2"], memo_ratio(per["l2_nn_distances"][sel]), per["l2_nn_indices"][sel][:, 0]) \
+    l2 = (own_t["l2"], memorization_ratio(per["l2_nn_distances"][sel]), per["l2_nn_indices"][sel][:, 0]) \
         if "l2" in own_t else None
     return M.per_prompt_rows(prompts, s, *sscd, clip=per["clip_score"][sel] if "clip_score" in per else None,
                              threshold=ctx.settings["sscd_threshold"], l2=l2)
 
 
-def memo_ratio(distances):
-    from ..metrics import memorization_ratio
-
-    return memorization_ratio(distances)
-
-
 def summarize(ctx: MeasureContext, recomputed_from: str | None, errors: dict) -> dict:
     """``metrics.json`` from every shard's per-sample outputs and every run's stage (main process)."""
     m = ctx.manifest
-    runs = [r for r in m["runs"]]
-    floors = [r for r in m["floor_runs"]]
+    runs, floors = m["runs"], m["floor_runs"]
     results = {
         "schema": SCHEMA, "task": m["task"],
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -144,7 +139,7 @@ def summarize(ctx: MeasureContext, recomputed_from: str | None, errors: dict) ->
             main, held = slice(0, n_train), slice(n_train, samples.shape[0])
         else:
             main, held = slice(0, samples.shape[0]), None
-        entry = _subset_measures(ctx, run, per, samples, main, results)
+        entry = _subset_measures(ctx, run, per, samples, main)
         if run["kind"] == "floor":
             tid = run["training_set"]
             info = {k: m["heldout_sets"][tid][k] for k in ("dataset", "split", "how", "num_images", "sha256", "seed")}
@@ -183,7 +178,7 @@ def summarize(ctx: MeasureContext, recomputed_from: str | None, errors: dict) ->
             model.update(own)
             model["prompts"] = _prompt_rows(ctx, c["prompts"], per, main, own_t, s)
             if c["heldout_prompts"]:
-                h = {k: v for k, v in _subset_measures(ctx, run, per, samples, held, results).items()
+                h = {k: v for k, v in _subset_measures(ctx, run, per, samples, held).items()
                      if not k.startswith("_")}
                 held_own, held_t = _own_measures(ctx, per, samples, held, c["heldout_owners"],
                                                  ctx.heldout["train0"], s)
@@ -326,8 +321,10 @@ def run_stages(ctx: MeasureContext) -> None:
     already written is kept."""
     if ctx.text_to_image:
         return
-    for k, run in enumerate(ctx.manifest["runs"]):
-        if k % ctx.procs.count == ctx.procs.index and not os.path.isfile(run_stage_path(ctx, run)):
+    runs = ctx.manifest["runs"]
+    for k in ctx.procs.mine(runs):
+        run = runs[k]
+        if not os.path.isfile(run_stage_path(ctx, run)):
             clean, _ = strict_json(run_stage(ctx, run))
             write_json(run_stage_path(ctx, run), clean)
 
